@@ -1,0 +1,20 @@
+r"""Recommendation models. Every model is a :class:`Recommender` with the
+same interface (``from_data``, ``on_epoch_start``, ``loss``, ``embeddings``,
+``score_all_items``); :data:`MODELS` maps config names to classes."""
+from typing import Dict, Type
+
+from crane_pyg.models.base import Recommender
+from crane_pyg.models.crane import CRANE
+from crane_pyg.models.freedom import FREEDOM
+from crane_pyg.models.lightgcn import LightGCN
+from crane_pyg.models.vbpr import VBPR
+
+#: config name -> model class
+MODELS: Dict[str, Type[Recommender]] = {
+    'crane': CRANE,
+    'lightgcn': LightGCN,
+    'vbpr': VBPR,
+    'freedom': FREEDOM,
+}
+
+__all__ = ['Recommender', 'CRANE', 'LightGCN', 'VBPR', 'FREEDOM', 'MODELS']

@@ -1,0 +1,538 @@
+r"""CRANE: Cross-Modal Attention Network with Dual Graph Learning
+(Zhao et al., arXiv 2601.11151), as reconstructed in crane_pyg."""
+from __future__ import annotations
+
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.data import HeteroData
+from torch_geometric.utils import coalesce
+
+from crane_pyg.models.base import (
+    Recommender,
+    check_choice,
+    check_features,
+    check_float,
+    check_int,
+    degree_sensitive_edge_sample,
+    epoch_generator,
+    item_adjacency,
+    item_graph_from_data,
+    modality_features,
+)
+from crane_pyg.nn import (
+    BPRLoss,
+    EmbeddingL2,
+    InfoNCE,
+    ItemItemConv,
+    LayerCombination,
+    RecursiveCrossModalAttention,
+    UserItemConv,
+    UserProfileAggregation,
+)
+from crane_pyg.transforms import knn_adjacency
+
+__all__ = ['CRANE']
+
+#: buffers holding the (possibly rebuilt) item-item graph; their number of
+#: entries changes with every rebuild
+_GRAPH_BUFFERS = ('item_adj_index', 'item_adj_weight')
+
+
+class CRANE(Recommender):
+    r"""CRANE from `"Cross-Modal Attention Network with Dual Graph Learning in
+    Multimodal Recommendation" <https://arxiv.org/abs/2601.11151>`_, as
+    reconstructed in crane_pyg (the paper gives the components; the algebra
+    and every default below are ours, each a named option).
+
+    With :math:`M` modalities of item features :math:`\mathbf{f}_m(i) \in
+    \mathbb{R}^{d_m}` and embedding size :math:`d`:
+
+    1. **Modality encoders.** :math:`\mathbf{x}_m(i) = \mathbf{W}_m
+       \mathbf{f}_m(i) + \mathbf{b}_m \in \mathbb{R}^d` (one
+       :class:`~torch.nn.Linear` per modality).
+    2. **User profiles.** :math:`\mathbf{p}_m(u) = \sum_{i \in
+       \mathcal{N}(u)} a_{ui} \mathbf{x}_m(i)` over the user's *training*
+       items, :math:`a_{ui} = 1/|\mathcal{N}(u)|` (``profile_norm='mean'``)
+       or :math:`1/\sqrt{|\mathcal{N}(u)||\mathcal{N}(i)|}` (``'sym'``)
+       (:class:`~crane_pyg.nn.UserProfileAggregation`). Since
+       :math:`\mathbf{W}_m` is linear,
+
+       .. math::
+           \mathbf{p}_m(u) = \mathbf{W}_m \bar{\mathbf{f}}_m(u) +
+           s(u)\,\mathbf{b}_m, \qquad \bar{\mathbf{f}}_m(u) = \sum_i a_{ui}
+           \mathbf{f}_m(i), \quad s(u) = \sum_i a_{ui},
+
+       so with ``precompute_profiles=True`` the aggregation of the raw
+       features :math:`\bar{\mathbf{f}}_m` is done once (``[U, d_m]``
+       buffers) and a batch only projects the rows of its own users.
+       Users without training items get :math:`\mathbf{p}_m(u) = \mathbf{0}`.
+    3. **RCA.** One :class:`~crane_pyg.nn.RecursiveCrossModalAttention`
+       (:math:`R` = ``num_recursions``), shared by users and items (one
+       call on the stacked ``[N, M, d]`` batch), gives :math:`\mathbf{z}_u,
+       \mathbf{z}_i \in \mathbb{R}^d`. ``use_rca=False`` is :math:`R=0`: the
+       projected concatenation :math:`\mathbf{W}_Z[\mathbf{x}_1 \Vert \cdots
+       \Vert \mathbf{x}_M] + \mathbf{b}_Z`.
+    4. **Dual graph.**
+
+       * behavioural view: LightGCN over ID embeddings on the symmetrically
+         normalised user-item graph, :math:`L_{ui}` layers, mean over layers
+         0..L :math:`\to \mathbf{e}^{cf}_u, \mathbf{e}^{cf}_i`; optionally
+         with FREEDOM's degree-sensitive edge dropout during training
+         (``edge_dropout``, see
+         :func:`~crane_pyg.models.base.degree_sensitive_edge_sample`);
+       * semantic view: :math:`\mathbf{h}_i = (\hat{\mathbf{S}}^{L_{ii}}
+         \mathbf{Z}_I)_i` over the item-item kNN graph :math:`\hat{\mathbf{S}}`
+         (:class:`~crane_pyg.transforms.ItemKNNGraph` of the raw features);
+         users: :math:`\mathbf{h}_u = \mathbf{z}_u` (``user_semantic='profile'``),
+         the mean of :math:`\mathbf{h}_i` over the user's training items
+         (``'items'``), or the average of both (``'both'``);
+       * enhanced item graph (``graph_rebuild_every`` :math:`= T > 0`): at the
+         start of every epoch :math:`t > 0` with :math:`t \bmod T = 0` the kNN
+         graph of :math:`\mathbf{Z}_I` (computed in eval mode, without
+         gradient; :func:`~crane_pyg.transforms.knn_adjacency`, same ``k``)
+         is mixed with the raw-feature graph,
+         :math:`\hat{\mathbf{S}} \leftarrow \beta \hat{\mathbf{S}}_{raw} +
+         (1 - \beta) \hat{\mathbf{S}}_{new}` (:math:`\beta` = ``rebuild_mix``).
+         The graph lives in persistent buffers (``item_adj_index``,
+         ``item_adj_weight``) whose size changes; ``load_state_dict`` accepts
+         any size.
+    5. **Fusion and score.** ``fusion='sum'``: :math:`\mathbf{e}_v =
+       \mathbf{e}^{cf}_v + \mathbf{h}_v`; ``'concat'``: :math:`\mathbf{e}_v =
+       [\mathbf{e}^{cf}_v \Vert \mathbf{h}_v]` (size :math:`2d`; the score is
+       then :math:`\langle \mathbf{e}^{cf}_u, \mathbf{e}^{cf}_i \rangle +
+       \langle \mathbf{h}_u, \mathbf{h}_i \rangle`). :math:`s(u, i) =
+       \langle \mathbf{e}_u, \mathbf{e}_i \rangle`.
+    6. **Loss.**
+
+       .. math::
+           \mathcal{L} = \mathrm{BPR}(u, i^+, i^-)
+           + \lambda_{cl} \big[\mathrm{InfoNCE}(\mathbf{E}^{cf}_{\mathcal{U}_b},
+             \mathbf{H}_{\mathcal{U}_b}) + \mathrm{InfoNCE}(
+             \mathbf{E}^{cf}_{\mathcal{I}_b}, \mathbf{H}_{\mathcal{I}_b})\big]
+           + \lambda_{reg} \frac{1}{2B}\big(\lVert \mathbf{E}^{(0)}_u \rVert^2
+             + \lVert \mathbf{E}^{(0)}_{i^+} \rVert^2
+             + \lVert \mathbf{E}^{(0)}_{i^-} \rVert^2\big)
+
+       with :math:`\mathcal{U}_b`, :math:`\mathcal{I}_b` the batch's unique
+       users and unique positive items, :class:`~crane_pyg.nn.InfoNCE`
+       (cosine, in-batch negatives, temperature :math:`\tau`, symmetric) and
+       :math:`\mathbf{E}^{(0)}` the ID ("ego") embeddings (plus the user
+       semantic ID embedding when ``use_profiles=False``).
+
+    **Cost.** A training step is linear in nodes and edges: :math:`O(L_{ui}
+    E d + L_{ii} k I d + I \sum_m d_m d + R (I + U_b) M d^2 + B^2 d)`, where
+    :math:`U_b \le B` is the number of unique users of the batch: the user
+    semantic view only enters the loss through the batch's users, so RCA runs
+    on all items but only on those users (:meth:`embeddings` runs it on all
+    :math:`U`). No :math:`N \times N` tensor is formed.
+
+    Args:
+        num_users (int): :math:`U`.
+        num_items (int): :math:`I`.
+        edge_index (Tensor): ``[2, E]`` training interactions (row 0 users,
+            row 1 items).
+        features (Mapping[str, Tensor]): ``{modality: [I, d_m]}``, at least one.
+        item_edge_index (Tensor, optional): ``[2, nnz]`` raw-feature item-item
+            graph in the orientation of :class:`~crane_pyg.transforms.ItemKNNGraph`;
+            built from :obj:`features` when omitted (and not needed when
+            ``use_item_graph=False`` or ``num_ii_layers=0``).
+        item_edge_weight (Tensor, optional): ``[nnz]`` its normalised weights.
+        embedding_dim (int): :math:`d`. (default: ``64``)
+        num_recursions (int): RCA recursions :math:`R`. (default: ``2``)
+        rca_dropout (float): dropout inside RCA. (default: ``0.0``)
+        profile_norm (str): ``'mean'`` or ``'sym'`` user-profile aggregation.
+            (default: ``'mean'``)
+        precompute_profiles (bool): aggregate the raw features of each user's
+            items once (``[U, \sum_m d_m]`` extra memory) instead of aggregating
+            the encoded features in every step (identical results).
+            (default: :obj:`True`)
+        num_ui_layers (int): :math:`L_{ui}`. (default: ``2``)
+        edge_dropout (float): FREEDOM's degree-sensitive user-item edge dropout
+            ratio during training (``0`` disables). (default: ``0.0``)
+        num_ii_layers (int): :math:`L_{ii}`. (default: ``1``)
+        knn_k (int): neighbours per item of the kNN graph. (default: ``10``)
+        modality_weights (tuple of float, optional): fusion weights of the
+            per-modality kNN graphs, in the order of ``data.modalities``;
+            :obj:`None`: FREEDOM's image 0.1 / text 0.9 for exactly those two
+            modalities, equal otherwise. (default: :obj:`None`)
+        user_semantic (str): ``'profile'``, ``'items'`` or ``'both'`` (see 4.).
+            (default: ``'both'``)
+        graph_rebuild_every (int): :math:`T`, epochs between rebuilds of the
+            item graph from :math:`\mathbf{Z}_I` (``0``: never). (default: ``0``)
+        rebuild_mix (float): :math:`\beta \in [0, 1]`, weight of the raw-feature
+            graph in a rebuilt graph. (default: ``0.5``)
+        fusion (str): ``'sum'`` or ``'concat'`` (see 5.). (default: ``'sum'``)
+        lambda_cl (float): :math:`\lambda_{cl}` (``0`` disables the contrastive
+            term). (default: ``0.1``)
+        temperature (float): :math:`\tau` of InfoNCE. (default: ``0.2``)
+        lambda_reg (float): :math:`\lambda_{reg}`. (default: ``1e-4``)
+        use_rca (bool): ablation; :obj:`False` is RCA with :math:`R = 0`
+            (concatenation + projection). (default: :obj:`True`)
+        use_profiles (bool): ablation; :obj:`False` gives users a learned ID
+            embedding :math:`\mathbf{z}_u` (not passed through RCA) instead of
+            their profile, used wherever :math:`\mathbf{z}_u` is (``'profile'``
+            and ``'both'``). (default: :obj:`True`)
+        use_item_graph (bool): ablation; :obj:`False` gives
+            :math:`\mathbf{h}_i = \mathbf{z}_i` (no item-item propagation, no
+            kNN graph). (default: :obj:`True`)
+        seed (int): seed of the per-epoch edge dropout (epoch :math:`t` uses
+            ``seed + t``). (default: ``0``)
+        backend (str): sparse backend of the propagation layers.
+            (default: ``'auto'``)
+    """
+
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        edge_index: Tensor,
+        features: Mapping[str, Tensor],
+        item_edge_index: Optional[Tensor] = None,
+        item_edge_weight: Optional[Tensor] = None,
+        *,
+        embedding_dim: int = 64,
+        num_recursions: int = 2,
+        rca_dropout: float = 0.0,
+        profile_norm: Literal['mean', 'sym'] = 'mean',
+        precompute_profiles: bool = True,
+        num_ui_layers: int = 2,
+        edge_dropout: float = 0.0,
+        num_ii_layers: int = 1,
+        knn_k: int = 10,
+        modality_weights: Optional[Tuple[float, ...]] = None,
+        user_semantic: Literal['profile', 'items', 'both'] = 'both',
+        graph_rebuild_every: int = 0,
+        rebuild_mix: float = 0.5,
+        fusion: Literal['sum', 'concat'] = 'sum',
+        lambda_cl: float = 0.1,
+        temperature: float = 0.2,
+        lambda_reg: float = 1e-4,
+        use_rca: bool = True,
+        use_profiles: bool = True,
+        use_item_graph: bool = True,
+        seed: int = 0,
+        backend: str = 'auto',
+    ) -> None:
+        super().__init__(num_users, num_items)
+        name = type(self).__name__
+        check_int(name, 'embedding_dim', embedding_dim, 1)
+        check_int(name, 'num_recursions', num_recursions, 0)
+        check_float(name, 'rca_dropout', rca_dropout, 0.0, 1.0, max_inclusive=False)
+        check_choice(name, 'profile_norm', profile_norm, ('mean', 'sym'))
+        check_int(name, 'num_ui_layers', num_ui_layers, 0)
+        check_float(name, 'edge_dropout', edge_dropout, 0.0, 1.0, max_inclusive=False)
+        check_int(name, 'num_ii_layers', num_ii_layers, 0)
+        check_int(name, 'knn_k', knn_k, 1)
+        check_choice(name, 'user_semantic', user_semantic, ('profile', 'items', 'both'))
+        check_int(name, 'graph_rebuild_every', graph_rebuild_every, 0)
+        check_float(name, 'rebuild_mix', rebuild_mix, 0.0, 1.0)
+        check_choice(name, 'fusion', fusion, ('sum', 'concat'))
+        check_float(name, 'lambda_cl', lambda_cl)
+        check_float(name, 'temperature', temperature, 1e-12)
+        check_float(name, 'lambda_reg', lambda_reg)
+        check_int(name, 'seed', seed, 0)
+        features = check_features(features, num_items, name)
+        if not features:
+            raise ValueError(f'{name} needs at least one item modality, but the '
+                             f'dataset has none (data.modalities is empty: no '
+                             f'<modality>_feat.npy file)')
+        propagate_items = bool(use_item_graph) and num_ii_layers > 0
+        if graph_rebuild_every > 0 and not propagate_items:
+            raise ValueError(f"{name}: graph_rebuild_every={graph_rebuild_every} needs "
+                             f"the item graph (use_item_graph=True, num_ii_layers > 0)")
+
+        self.embedding_dim = embedding_dim
+        self.num_recursions = num_recursions
+        self.profile_norm = profile_norm
+        self.precompute_profiles = bool(precompute_profiles)
+        self.num_ui_layers = num_ui_layers
+        self.edge_dropout = float(edge_dropout)
+        self.num_ii_layers = num_ii_layers
+        self.knn_k = knn_k
+        self.user_semantic = user_semantic
+        self.graph_rebuild_every = graph_rebuild_every
+        self.rebuild_mix = float(rebuild_mix)
+        self.fusion = fusion
+        self.lambda_cl = float(lambda_cl)
+        self.lambda_reg = float(lambda_reg)
+        self.use_rca = bool(use_rca)
+        self.use_profiles = bool(use_profiles)
+        self.use_item_graph = bool(use_item_graph)
+        self.seed = seed
+        self.modalities = list(features)
+        self.num_modalities = len(features)
+        self._propagate_items = propagate_items
+        # which user semantic parts exist
+        self._needs_z_user = user_semantic in ('profile', 'both')
+        self._needs_item_mean = user_semantic in ('items', 'both')
+
+        # -- graphs ----------------------------------------------------------
+        edge_index = self._check_edge_index(edge_index)
+        self.register_buffer('edge_index', edge_index, persistent=False)
+        self.register_buffer('train_edge_index', edge_index, persistent=False)
+        self._pruned_epoch: Optional[int] = None
+        if propagate_items:
+            adj_index, adj_weight = item_adjacency(features, item_edge_index,
+                                                   item_edge_weight, knn_k,
+                                                   modality_weights, num_items, name)
+            rebuild = graph_rebuild_every > 0
+            # The current graph is training state only when it gets rebuilt.
+            self.register_buffer('item_adj_index', adj_index, persistent=rebuild)
+            self.register_buffer('item_adj_weight', adj_weight, persistent=rebuild)
+            if rebuild:
+                self.register_buffer('raw_item_adj_index', adj_index, persistent=False)
+                self.register_buffer('raw_item_adj_weight', adj_weight, persistent=False)
+            self.item_conv = ItemItemConv(cached=True, backend=backend)
+        else:
+            self.item_conv = None
+
+        # -- content side ----------------------------------------------------
+        self.feature_dims = [int(x.size(1)) for x in features.values()]
+        for m, x in enumerate(features.values()):
+            self.register_buffer(f'feature_{m}', x.float(), persistent=False)
+        self.encoders = nn.ModuleList([nn.Linear(dim, embedding_dim)
+                                       for dim in self.feature_dims])
+        self.rca = RecursiveCrossModalAttention(
+            self.num_modalities, embedding_dim,
+            num_recursions=num_recursions if self.use_rca else 0, dropout=rca_dropout)
+        self.profile_agg: Optional[UserProfileAggregation] = None
+        if self.use_profiles and self._needs_z_user:
+            if self.precompute_profiles:
+                agg = UserProfileAggregation(profile_norm, backend=backend)
+                with torch.no_grad():
+                    for m, x in enumerate(features.values()):
+                        self.register_buffer(f'profile_feature_{m}',
+                                             agg(x.float(), edge_index, num_users),
+                                             persistent=False)
+                    ones = torch.ones(num_items, 1, device=edge_index.device)
+                    self.register_buffer('profile_mass',
+                                         agg(ones, edge_index, num_users).squeeze(-1),
+                                         persistent=False)
+            else:
+                self.profile_agg = UserProfileAggregation(profile_norm, cached=True,
+                                                          backend=backend)
+        self.user_semantic_embedding = (
+            nn.Embedding(num_users, embedding_dim)
+            if (not self.use_profiles and self._needs_z_user) else None)
+        self.item_mean = (UserProfileAggregation('mean', cached=True, backend=backend)
+                          if self._needs_item_mean else None)
+
+        # -- behavioural side -----------------------------------------------
+        self.user_embedding = nn.Embedding(num_users, embedding_dim)
+        self.item_embedding = nn.Embedding(num_items, embedding_dim)
+        self.ui_encoder = LayerCombination(UserItemConv(cached=True, backend=backend),
+                                           num_ui_layers)
+        self.ui_train_encoder = (
+            LayerCombination(UserItemConv(cached=True, backend=backend), num_ui_layers)
+            if self.edge_dropout > 0 else None)
+
+        self.bpr = BPRLoss()
+        self.info_nce = InfoNCE(temperature=temperature)
+        self.l2 = EmbeddingL2()
+        self.reset_parameters()
+        self._prune(0)
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def _args_from_data(cls, data: HeteroData, options: Dict[str, Any]) -> Dict[str, Any]:
+        args = super()._args_from_data(data, options)
+        args['features'] = modality_features(data)
+        if (args['features'] and options['use_item_graph']
+                and options['num_ii_layers'] > 0):
+            args['item_edge_index'], args['item_edge_weight'] = item_graph_from_data(
+                data, options['knn_k'], options['modality_weights'])
+        return args
+
+    def reset_parameters(self) -> None:
+        r"""Xavier-uniform ID embeddings, PyTorch's default initialisation of
+        the encoders, RCA's own."""
+        nn.init.xavier_uniform_(self.user_embedding.weight)
+        nn.init.xavier_uniform_(self.item_embedding.weight)
+        if self.user_semantic_embedding is not None:
+            nn.init.xavier_uniform_(self.user_semantic_embedding.weight)
+        for encoder in self.encoders:
+            encoder.reset_parameters()
+        self.rca.reset_parameters()
+        self.reset_cache()
+
+    # ------------------------------------------------------------------
+    # per-epoch hooks
+    # ------------------------------------------------------------------
+    def _prune(self, epoch: int) -> None:
+        if self.ui_train_encoder is None:
+            return
+        keep = degree_sensitive_edge_sample(self.edge_index, self.num_users,
+                                            self.num_items, self.edge_dropout,
+                                            epoch_generator(self.seed, epoch))
+        self.train_edge_index = self.edge_index[:, keep]
+        self.ui_train_encoder.reset_parameters()  # drops the cached adjacency
+        self._pruned_epoch = epoch
+
+    def on_epoch_start(self, epoch: int) -> None:
+        r"""Samples the epoch's pruned user-item graph (``edge_dropout > 0``)
+        and rebuilds the item graph when ``epoch > 0`` is a multiple of
+        ``graph_rebuild_every``."""
+        epoch = int(epoch)
+        if self.ui_train_encoder is not None and epoch != self._pruned_epoch:
+            self._prune(epoch)
+        T = self.graph_rebuild_every
+        if T > 0 and epoch > 0 and epoch % T == 0:
+            self.rebuild_item_graph()
+
+    @torch.no_grad()
+    def rebuild_item_graph(self) -> None:
+        r"""Replaces the item graph by :math:`\beta \hat{\mathbf{S}}_{raw} +
+        (1 - \beta) \mathrm{kNN}(\mathbf{Z}_I)` (see the class docstring)."""
+        if not self._propagate_items:
+            raise RuntimeError('CRANE.rebuild_item_graph: the model has no item graph')
+        was_training = self.training
+        self.eval()
+        try:
+            z_item = self.rca(self._encode_items())
+        finally:
+            self.train(was_training)
+        new_index, new_weight = knn_adjacency([z_item], self.knn_k)
+        raw_index = getattr(self, 'raw_item_adj_index', self.item_adj_index)
+        raw_weight = getattr(self, 'raw_item_adj_weight', self.item_adj_weight)
+        beta = self.rebuild_mix
+        index = torch.cat([raw_index, new_index.flip(0)], dim=1)  # matrix orientation
+        weight = torch.cat([beta * raw_weight, (1.0 - beta) * new_weight.to(raw_weight)])
+        index, weight = coalesce(index, weight, num_nodes=self.num_items, reduce='sum')
+        keep = weight > 0
+        self.item_adj_index = index[:, keep]
+        self.item_adj_weight = weight[keep]
+        self.item_conv.reset_cache()
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str,
+                              *args: Any, **kwargs: Any) -> None:
+        # A rebuilt item graph has a different number of entries: resize the
+        # buffers to the incoming ones before the copy.
+        for name in _GRAPH_BUFFERS:
+            key = prefix + name
+            current = self._buffers.get(name)
+            if (key in state_dict and current is not None
+                    and name not in self._non_persistent_buffers_set):
+                incoming = state_dict[key]
+                if isinstance(incoming, Tensor) and incoming.shape != current.shape:
+                    self._buffers[name] = torch.empty(incoming.shape, dtype=current.dtype,
+                                                      device=current.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ------------------------------------------------------------------
+    # forward pieces
+    # ------------------------------------------------------------------
+    def _feature(self, m: int) -> Tensor:
+        return getattr(self, f'feature_{m}')
+
+    def _encode_items(self) -> Tensor:
+        r"""Item modality vectors :math:`\mathbf{x}_m(i)`: ``[I, M, d]``."""
+        return torch.stack([enc(self._feature(m)) for m, enc in enumerate(self.encoders)],
+                           dim=1)
+
+    def _profiles(self, x_item: Tensor, users: Optional[Tensor]) -> Tensor:
+        r"""User modality vectors :math:`\mathbf{p}_m(u)` of :obj:`users` (all
+        when :obj:`None`): ``[U_b, M, d]``."""
+        if self.precompute_profiles:
+            mass = self.profile_mass if users is None else self.profile_mass.index_select(0, users)
+            out = []
+            for m, enc in enumerate(self.encoders):
+                agg = getattr(self, f'profile_feature_{m}')
+                if users is not None:
+                    agg = agg.index_select(0, users)
+                out.append(torch.addmm(mass.unsqueeze(-1) * enc.bias, agg, enc.weight.t()))
+            return torch.stack(out, dim=1)
+        profiles = self.profile_agg(x_item, self.edge_index, self.num_users)
+        return profiles if users is None else profiles.index_select(0, users)
+
+    def semantic(self, users: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        r"""The semantic view :math:`(\mathbf{H}_{users}, \mathbf{H}_I)`:
+        ``[U_b, d]`` for :obj:`users` (all users when :obj:`None`) and
+        ``[I, d]`` for all items."""
+        x_item = self._encode_items()
+        num_items = x_item.size(0)
+        z_user = None
+        if self._needs_z_user and self.use_profiles:
+            z = self.rca(torch.cat([x_item, self._profiles(x_item, users)], dim=0))
+            z_item, z_user = z[:num_items], z[num_items:]
+        else:
+            z_item = self.rca(x_item)
+            if self._needs_z_user:
+                z_user = (self.user_semantic_embedding.weight if users is None
+                          else self.user_semantic_embedding(users))
+        h_item = z_item
+        if self._propagate_items:
+            for _ in range(self.num_ii_layers):
+                h_item = self.item_conv(h_item, self.item_adj_index, self.item_adj_weight)
+        if self._needs_item_mean:
+            item_mean = self.item_mean(h_item, self.edge_index, self.num_users)
+            if users is not None:
+                item_mean = item_mean.index_select(0, users)
+            h_user = item_mean if z_user is None else 0.5 * (z_user + item_mean)
+        else:
+            h_user = z_user
+        return h_user, h_item
+
+    def behavioural(self, train_graph: bool = False) -> Tuple[Tensor, Tensor]:
+        r"""The behavioural view :math:`(\mathbf{E}^{cf}_U, \mathbf{E}^{cf}_I)`
+        on the full graph, or on the epoch's pruned graph when
+        :obj:`train_graph` and ``edge_dropout > 0``."""
+        if train_graph and self.ui_train_encoder is not None:
+            encoder, edge_index = self.ui_train_encoder, self.train_edge_index
+        else:
+            encoder, edge_index = self.ui_encoder, self.edge_index
+        return encoder((self.user_embedding.weight, self.item_embedding.weight), edge_index)
+
+    def _fuse(self, cf: Tensor, sem: Tensor) -> Tensor:
+        return cf + sem if self.fusion == 'sum' else torch.cat([cf, sem], dim=-1)
+
+    def embeddings(self) -> Tuple[Tensor, Tensor]:
+        e_user, e_item = self.behavioural(train_graph=False)
+        h_user, h_item = self.semantic(None)
+        return self._fuse(e_user, h_user), self._fuse(e_item, h_item)
+
+    def loss(self, users: Tensor, pos_items: Tensor,
+             neg_items: Tensor) -> Tuple[Tensor, Dict[str, float]]:
+        self._check_batch(users, pos_items, neg_items)
+        batch_users, user_pos = torch.unique(users, return_inverse=True)
+        e_user, e_item = self.behavioural(train_graph=self.training)
+        h_user, h_item = self.semantic(batch_users)  # h_user: [U_b, d]
+        e_user = e_user.index_select(0, batch_users)
+        # One gather per item tensor (each gather costs an [I, d] scatter in
+        # the backward pass): rows of the positives, negatives and, for the
+        # contrastive term, the unique positives. Gathers use index_select,
+        # whose backward is deterministic on CPU (that of x[idx] is not when
+        # several threads accumulate repeated indices).
+        size = pos_items.numel()
+        batch_items = torch.unique(pos_items) if self.lambda_cl > 0 else pos_items[:0]
+        rows = torch.cat([pos_items, neg_items, batch_items])
+        e_rows, h_rows = e_item.index_select(0, rows), h_item.index_select(0, rows)
+
+        u = self._fuse(e_user, h_user).index_select(0, user_pos)
+        item = self._fuse(e_rows[:2 * size], h_rows[:2 * size])
+        pos, neg = item[:size], item[size:]
+        bpr = self.bpr((u * pos).sum(-1), (u * neg).sum(-1))
+        total, parts = bpr, {'bpr': bpr.item()}
+
+        if self.lambda_cl > 0:
+            cl = self.lambda_cl * (self.info_nce(e_user, h_user)
+                                   + self.info_nce(e_rows[2 * size:], h_rows[2 * size:]))
+            total = total + cl
+            parts['cl'] = cl.item()
+        if self.lambda_reg > 0:
+            ego = [self.user_embedding(users), self.item_embedding(pos_items),
+                   self.item_embedding(neg_items)]
+            if self.user_semantic_embedding is not None:
+                ego.append(self.user_semantic_embedding(users))
+            reg = self.lambda_reg * self.l2(*ego)
+            total = total + reg
+            parts['reg'] = reg.item()
+        return total, parts
+
+    def extra_repr(self) -> str:
+        return (f'{super().extra_repr()}, modalities={self.modalities}, '
+                f'embedding_dim={self.embedding_dim}, user_semantic={self.user_semantic!r}, '
+                f'fusion={self.fusion!r}, lambda_cl={self.lambda_cl}, '
+                f'lambda_reg={self.lambda_reg}, edge_dropout={self.edge_dropout}, '
+                f'graph_rebuild_every={self.graph_rebuild_every}')

@@ -1,0 +1,836 @@
+r"""The training loop, experiment runner and command-line entry point.
+
+:class:`Trainer` implements the MMRec protocol (``docs/ARCHITECTURE.md``
+section 6, design brief section 4):
+
+* Adam on BPR batches from :class:`~crane_pyg.data.BPRSampler` (one uniform
+  negative per training interaction, a fresh shuffle per epoch, a pure
+  function of ``(seed, epoch)``); ``model.on_epoch_start(epoch)`` before each
+  epoch;
+* full-ranking validation every ``eval_every`` epochs and after the last one;
+  early stopping after ``patience`` evaluations without a strict improvement
+  of ``stop_metric`` (validation Recall@20);
+* **test at the best validation epoch**: the test split is evaluated right
+  after every validation evaluation that sets a new best, on exactly the
+  model that produced that score, and only the latest one is kept. This costs
+  one extra evaluation per improvement but needs no reload of the best
+  weights (a reload would silently miss any model state kept outside the
+  ``state_dict``); the test numbers never influence training or selection.
+
+Epochs are numbered from 0, as :meth:`Recommender.on_epoch_start` and
+:meth:`BPRSampler.batches` see them; ``best_epoch`` uses the same numbering.
+
+Files written to ``output_dir`` (all atomically, except the appended history):
+
+* ``last.pt`` after every epoch, ``best.pt`` at every new best
+  (:mod:`crane_pyg.train.checkpoint`);
+* ``history.jsonl``: one JSON object per epoch (loss and its parts, seconds,
+  validation metrics when evaluated);
+* ``curves.png``: loss and validation Recall@K / NDCG@K over the epochs;
+* ``results.json`` when the run finishes (:meth:`Trainer.fit`).
+
+``resume=True`` restores ``last.pt`` (weights, optimizer, early-stopping
+state, history and every random generator) and continues; the run then ends
+with exactly the numbers of an uninterrupted run with the same seed. A
+:class:`KeyboardInterrupt` stops the run cleanly: ``last.pt`` holds the last
+completed epoch and the message says how to resume.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
+from .config import (ConfigError, DataConfig, ExperimentConfig, TrainConfig,
+                     default_data_root, expand_grid, load_config)
+from .utils import (atomic_write, atomic_write_json, atomic_write_text,
+                    configure_reproducibility, get_rng_state, library_versions,
+                    peak_memory_mb, reset_peak_memory, resolve_device, set_rng_state,
+                    to_jsonable)
+
+__all__ = ['Trainer', 'DatasetNotFoundError', 'load_dataset', 'locate_dataset', 'run_experiment',
+           'run_single', 'run_grid', 'plot_curves', 'format_metrics_table',
+           'build_parser', 'main', 'RESULTS', 'HISTORY', 'CURVES']
+
+RESULTS = 'results.json'
+HISTORY = 'history.jsonl'
+CURVES = 'curves.png'
+CONFIG_COPY = 'config.yaml'
+GRID_SUMMARY = 'grid_summary'
+
+#: options that may differ between a checkpoint and the resumed run (they do
+#: not change the trajectory of the epochs already run)
+RESUMABLE_CHANGES = ('train.epochs', 'train.patience', 'train.device', 'train.eval_batch_size',
+                     'train.num_threads')
+
+Callback = Callable[['Trainer', dict], None]
+
+
+class Trainer:
+    r"""Trains a :class:`~crane_pyg.models.Recommender` with the MMRec protocol.
+
+    Args:
+        model (Recommender): the model (moved to the configured device).
+        data (HeteroData): the dataset from :func:`crane_pyg.data.load_mmrec`
+            (training, validation and test interactions).
+        config (TrainConfig): the protocol.
+        output_dir (str or Path, optional): where checkpoints, history, curves
+            and ``results.json`` go (created); default
+            ``runs/<dataset>-<model>-seed<seed>``.
+        experiment (dict, optional): the full configuration recorded in the
+            checkpoints and ``results.json`` (default: ``{'train': config}``).
+        dataset_name (str, optional): recorded as ``dataset`` (default
+            ``data.name``).
+        model_name (str, optional): recorded as ``model`` (default the class
+            name, lower case).
+        resume (bool): continue from ``output_dir/last.pt`` when it exists.
+        quiet (bool): no progress bar and no per-evaluation lines.
+        max_epochs_this_run (int, optional): stop (status ``'paused'``, resumable)
+            after this many epochs of this call, e.g. to split a run.
+        callbacks (sequence of callables): ``callback(trainer, record)`` after
+            every epoch, once its checkpoint is written (``record`` is the
+            epoch's history entry). A callback may raise
+            :class:`KeyboardInterrupt` to stop the run as Ctrl-C would.
+        log (callable, optional): where the per-evaluation lines go
+            (default :func:`print`).
+        restore_best (bool): load the best epoch's weights into :obj:`model`
+            when the run finishes. (default: :obj:`True`)
+        extra_results (dict, optional): more entries for ``results.json``.
+        plot (bool): write ``curves.png`` whenever :meth:`fit` returns.
+            (default: :obj:`True`)
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data: Any,
+        config: TrainConfig,
+        output_dir: str | os.PathLike | None = None,
+        *,
+        experiment: Mapping[str, Any] | None = None,
+        dataset_name: str | None = None,
+        model_name: str | None = None,
+        resume: bool = False,
+        quiet: bool = False,
+        max_epochs_this_run: int | None = None,
+        callbacks: Sequence[Callback] = (),
+        log: Callable[[str], None] | None = None,
+        restore_best: bool = True,
+        extra_results: Mapping[str, Any] | None = None,
+        plot: bool = True,
+    ) -> None:
+        from crane_pyg.data import BPRSampler
+        from crane_pyg.data.schema import ITEM, USER, USER_ITEM
+
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f'config must be a TrainConfig, got {type(config).__name__}')
+        if max_epochs_this_run is not None and max_epochs_this_run < 1:
+            raise ValueError(f'max_epochs_this_run must be >= 1, got {max_epochs_this_run}')
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.data = data
+        self.experiment = (dict(experiment) if experiment is not None
+                           else {'train': to_jsonable(dataclasses.asdict(config))})
+        self.dataset_name = dataset_name or getattr(data, 'name', None) or 'unknown'
+        self.model_name = model_name or type(model).__name__.lower()
+        if output_dir is None:
+            output_dir = Path('runs') / f'{self.dataset_name}-{self.model_name}-seed{config.seed}'
+        self.output_dir = Path(output_dir)
+        self.resume = resume
+        self.quiet = quiet
+        self.max_epochs_this_run = max_epochs_this_run
+        self.callbacks = list(callbacks)
+        self.log = log if log is not None else (lambda line: print(line, flush=True))
+        self.restore_best = restore_best
+        self.extra_results = dict(extra_results or {})
+        self.plot = plot
+
+        store = data[USER_ITEM]
+        self.num_users = int(data[USER].num_nodes)
+        self.num_items = int(data[ITEM].num_nodes)
+        self.sampler = BPRSampler(store.edge_index, self.num_users, self.num_items,
+                                  seed=config.seed, device=self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
+                                          weight_decay=config.weight_decay)
+        self._evaluators: dict[str, Any] = {}
+
+        # state (what last.pt holds)
+        self.epoch = -1                 # last completed epoch
+        self.best_epoch = -1
+        self.best_score = -math.inf
+        self.best_valid: dict[str, float] = {}
+        self.best_test: dict[str, float] = {}
+        self.bad_evals = 0
+        self.history: list[dict[str, Any]] = []
+        self._saved_epoch = -1          # the epoch of the last.pt on disk
+
+    # ------------------------------------------------------------------
+    # evaluation
+    # ------------------------------------------------------------------
+    def evaluator(self, split: str):
+        r"""The (cached) :class:`~crane_pyg.metrics.FullRankingEvaluator` of ``split``."""
+        if split not in self._evaluators:
+            from crane_pyg.metrics import FullRankingEvaluator
+            self._evaluators[split] = FullRankingEvaluator(
+                self.data, split=split, ks=self.config.ks,
+                batch_size=self.config.eval_batch_size, device=self.device)
+        return self._evaluators[split]
+
+    @torch.no_grad()
+    def evaluate(self, split: str = 'valid') -> dict[str, float]:
+        r"""Full-ranking metrics of the current model on ``split`` (eval mode,
+        final embeddings computed once and reused for every user batch)."""
+        evaluator = self.evaluator(split)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            embeddings = self.model.embeddings()
+
+            def score(users: Tensor) -> Tensor:
+                return self.model.score_all_items(users, embeddings)
+
+            return evaluator.evaluate(score)
+        finally:
+            self.model.train(was_training)
+
+    # ------------------------------------------------------------------
+    # checkpoints
+    # ------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        r"""The checkpoint contents (see :mod:`crane_pyg.train.checkpoint`)."""
+        return {
+            'epoch': self.epoch,
+            'model': self.model.state_dict(),
+            'optimizer': self.optimizer.state_dict(),
+            'early_stop': {'best_epoch': self.best_epoch, 'best_score': self.best_score,
+                           'bad_evals': self.bad_evals, 'valid': dict(self.best_valid),
+                           'test': dict(self.best_test)},
+            'history': self.history,
+            'rng': get_rng_state(),
+            'sampler_seed': self.sampler.seed,
+            'config': to_jsonable(self.experiment),
+            'dataset': self.dataset_name,
+            'model_name': self.model_name,
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        r"""Restores a checkpoint written by :meth:`state` (after checking that it
+        belongs to the same experiment)."""
+        self._check_compatible(state)
+        self.model.load_state_dict(state['model'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        early = state['early_stop']
+        self.epoch = int(state['epoch'])
+        self.best_epoch = int(early['best_epoch'])
+        self.best_score = float(early['best_score'])
+        self.bad_evals = int(early['bad_evals'])
+        self.best_valid = dict(early['valid'])
+        self.best_test = dict(early['test'])
+        self.history = list(state['history'])
+        set_rng_state(state['rng'])
+
+    def _check_compatible(self, state: Mapping[str, Any]) -> None:
+        path = self.output_dir / LAST
+        if state.get('sampler_seed') != self.sampler.seed:
+            raise CheckpointError(f'{path} was written with seed {state.get("sampler_seed")}, '
+                                  f'this run uses seed {self.sampler.seed}')
+        old = _flatten(state.get('config', {}))
+        new = _flatten(to_jsonable(self.experiment))
+        changed = sorted(k for k in set(old) | set(new)
+                         if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+        if changed:
+            details = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in changed[:5])
+            raise CheckpointError(f'{path} belongs to another configuration ({details}); '
+                                  f'use another output directory or drop --resume')
+
+    def _save_last(self) -> None:
+        save_checkpoint(self.output_dir / LAST, self.state())
+        self._saved_epoch = self.epoch
+
+    # ------------------------------------------------------------------
+    # the loop
+    # ------------------------------------------------------------------
+    def _train_epoch(self, epoch: int) -> tuple[float, dict[str, float]]:
+        self.model.train()
+        self.model.on_epoch_start(epoch)
+        batch_size = self.config.batch_size
+        total, parts_sum, count = 0.0, {}, 0
+        bar = tqdm(self.sampler.batches(epoch, batch_size),
+                   total=self.sampler.num_batches(batch_size),
+                   desc=f'epoch {epoch}', leave=False, unit='batch',
+                   disable=self.quiet or not sys.stderr.isatty())
+        try:
+            for step, (users, pos, neg) in enumerate(bar):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss, parts = self.model.loss(users, pos, neg)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f'the training loss is {value} at epoch {epoch}, batch {step} '
+                        f'(parts: {parts}); lower train.lr or check the data')
+                loss.backward()
+                if self.config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+                self.optimizer.step()
+                n = users.numel()
+                total += value * n
+                for key, part in parts.items():
+                    parts_sum[key] = parts_sum.get(key, 0.0) + float(part) * n
+                count += n
+                bar.set_postfix(loss=f'{value:.4f}', refresh=False)
+        finally:
+            bar.close()
+        return total / count, {k: v / count for k, v in parts_sum.items()}
+
+    def _should_evaluate(self, epoch: int) -> bool:
+        return (epoch + 1) % self.config.eval_every == 0 or epoch == self.config.epochs - 1
+
+    def _finished(self) -> bool:
+        return self.bad_evals >= self.config.patience or self.epoch >= self.config.epochs - 1
+
+    def fit(self) -> dict[str, Any]:
+        r"""Runs (or resumes) training; returns the results.
+
+        Returns:
+            dict: the content of ``results.json`` (see :meth:`results`). Its
+            ``status`` is ``'completed'`` (all epochs), ``'early_stopped'``,
+            ``'paused'`` (``max_epochs_this_run`` reached) or ``'interrupted'``
+            (:class:`KeyboardInterrupt`); ``results.json`` is written only for
+            the first two.
+        """
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        reset_peak_memory(self.device)
+        cfg = self.config
+        configure_reproducibility(cfg.seed, cfg.deterministic, cfg.num_threads)
+        last = self.output_dir / LAST
+        if self.resume and last.is_file():
+            self.load_state(load_checkpoint(last, map_location='cpu'))
+            self._saved_epoch = self.epoch
+            _rewrite_history(self.output_dir / HISTORY, self.history)
+            self.log(f'resuming {self.output_dir} after epoch {self.epoch} '
+                     f'(best {self.config.stop_metric} {self.best_score:.4f} '
+                     f'at epoch {self.best_epoch})')
+        else:
+            if self.resume:
+                self.log(f'no {LAST} in {self.output_dir}: starting a fresh run')
+            for stale in (RESULTS, BEST, CURVES):
+                (self.output_dir / stale).unlink(missing_ok=True)
+            _rewrite_history(self.output_dir / HISTORY, [])
+            self._save_last()  # the initial state: a Ctrl-C in epoch 0 can resume
+
+        status = 'paused'
+        epochs_this_run = 0
+        try:
+            while not self._finished():
+                if (self.max_epochs_this_run is not None
+                        and epochs_this_run >= self.max_epochs_this_run):
+                    break
+                self._run_epoch(self.epoch + 1)
+                epochs_this_run += 1
+            else:
+                status = ('early_stopped' if self.bad_evals >= self.config.patience
+                          else 'completed')
+        except KeyboardInterrupt:
+            status = 'interrupted'
+            print(f'\ninterrupted: {self.output_dir / LAST} holds the state after epoch '
+                  f'{self._saved_epoch}; continue the run with the same command plus --resume '
+                  f'(Trainer(..., resume=True) in Python)', file=sys.stderr, flush=True)
+        finally:
+            if self.history and self.plot:
+                plot_curves(self.history, self.output_dir / CURVES, self.config.stop_metric)
+
+        results = self.results(status)
+        if status in ('completed', 'early_stopped'):
+            if self.restore_best and (self.output_dir / BEST).is_file():
+                best = load_checkpoint(self.output_dir / BEST, map_location='cpu')
+                self.model.load_state_dict(best['model'])
+            atomic_write_json(self.output_dir / RESULTS, results)
+            if not self.quiet:
+                self.log(f'{status.replace("_", " ")} after epoch {self.epoch}; best '
+                         f'{self.config.stop_metric} {self.best_score:.4f} at epoch '
+                         f'{self.best_epoch}; results in {self.output_dir / RESULTS}')
+        return results
+
+    def _run_epoch(self, epoch: int) -> None:
+        start = time.perf_counter()
+        loss, parts = self._train_epoch(epoch)
+        record: dict[str, Any] = {'epoch': epoch, 'loss': loss, 'loss_parts': parts,
+                                  'train_seconds': time.perf_counter() - start}
+        if self._should_evaluate(epoch):
+            start = time.perf_counter()
+            valid = self.evaluate('valid')
+            record['valid'] = valid
+            record['eval_seconds'] = time.perf_counter() - start
+            score = valid[self.config.stop_metric]
+            improved = score > self.best_score
+            if improved:
+                self.best_score, self.best_epoch, self.bad_evals = score, epoch, 0
+                self.best_valid = dict(valid)
+                start = time.perf_counter()
+                self.best_test = self.evaluate('test')
+                record['test_seconds'] = time.perf_counter() - start
+            else:
+                self.bad_evals += 1
+            record['best'] = improved
+            record['best_epoch'] = self.best_epoch
+            record['bad_evals'] = self.bad_evals
+            if not self.quiet:
+                self.log(_summary_line(record, self.config.stop_metric))
+        self.epoch = epoch
+        self.history.append(record)
+        with open(self.output_dir / HISTORY, 'a', encoding='utf-8') as f:
+            f.write(json.dumps(to_jsonable(record)) + '\n')
+        if record.get('best'):
+            save_checkpoint(self.output_dir / BEST, self.state())
+        self._save_last()
+        for callback in self.callbacks:
+            callback(self, record)
+
+    # ------------------------------------------------------------------
+    # results
+    # ------------------------------------------------------------------
+    def results(self, status: str = 'completed') -> dict[str, Any]:
+        r"""The results so far.
+
+        Keys: ``dataset``, ``model``, ``status``, ``config`` (the full
+        configuration), ``best_epoch``, ``stop_metric``, ``valid`` and ``test``
+        (flat ``{'recall@10': ..., 'ndcg@20': ..., ...}`` at the best validation
+        epoch), ``epochs_run``, ``seconds_per_epoch`` (median training epoch),
+        ``eval_seconds`` (median validation pass), ``total_train_seconds``,
+        ``peak_memory_mb`` with ``peak_memory_source``, ``device``,
+        ``num_parameters``, ``data`` (sizes) and ``versions``.
+        """
+        train_times = [r['train_seconds'] for r in self.history]
+        eval_times = [r['eval_seconds'] for r in self.history if 'eval_seconds' in r]
+        peak, source = peak_memory_mb(self.device)
+        from crane_pyg.data.schema import USER_ITEM
+        store = self.data[USER_ITEM]
+        return {
+            'dataset': self.dataset_name,
+            'model': self.model_name,
+            'status': status,
+            'config': to_jsonable(self.experiment),
+            'best_epoch': self.best_epoch,
+            'stop_metric': self.config.stop_metric,
+            'valid': dict(self.best_valid),
+            'test': dict(self.best_test),
+            'epochs_run': self.epoch + 1,
+            'seconds_per_epoch': statistics.median(train_times) if train_times else None,
+            'eval_seconds': statistics.median(eval_times) if eval_times else None,
+            'total_train_seconds': sum(train_times),
+            'peak_memory_mb': peak,
+            'peak_memory_source': source,
+            'device': str(self.device),
+            'num_parameters': sum(p.numel() for p in self.model.parameters()),
+            'data': {'users': self.num_users, 'items': self.num_items,
+                     'train': int(store.edge_index.size(1)),
+                     'valid': int(store.val_edge_index.size(1)) if 'val_edge_index' in store else 0,
+                     'test': int(store.test_edge_index.size(1)) if 'test_edge_index' in store else 0,
+                     'modalities': list(getattr(self.data, 'modalities', []) or [])},
+            'versions': library_versions(),
+            **self.extra_results,
+        }
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and key in ('dataset', 'model', 'train', 'grid'):
+            out.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            out[f'{prefix}{key}'] = value
+    return out
+
+
+def _rewrite_history(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
+    atomic_write_text(path, ''.join(json.dumps(to_jsonable(r)) + '\n' for r in history))
+
+
+def _summary_line(record: Mapping[str, Any], stop_metric: str) -> str:
+    k = stop_metric.split('@')[1]
+    parts = ', '.join(f'{name} {value:.4f}' for name, value in record['loss_parts'].items())
+    valid = record['valid']
+    marker = ' *' if record.get('best') else ''
+    return (f"epoch {record['epoch']:4d} | loss {record['loss']:.4f}"
+            f"{f' ({parts})' if parts else ''} | valid recall@{k} "
+            f"{valid.get(f'recall@{k}', float('nan')):.4f} ndcg@{k} "
+            f"{valid.get(f'ndcg@{k}', float('nan')):.4f}{marker} | "
+            f"train {record['train_seconds']:.1f}s eval {record['eval_seconds']:.1f}s")
+
+
+def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike,
+                stop_metric: str = 'recall@20') -> None:
+    r"""Writes the training curves to ``path`` (PNG, atomically): the loss and
+    its parts per epoch (left), validation Recall@K and NDCG@K (right, K of
+    ``stop_metric``) with the best epoch marked. Uses matplotlib's Agg canvas
+    directly, so the global backend of the caller is untouched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    k = stop_metric.split('@')[1]
+    fig = Figure(figsize=(11, 4))
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.95, wspace=0.22)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_metric = fig.subplots(1, 2)
+    epochs = [r['epoch'] for r in history]
+    ax_loss.plot(epochs, [r['loss'] for r in history], label='loss', linewidth=2)
+    part_names = list(dict.fromkeys(name for r in history for name in r['loss_parts']))
+    if len(part_names) > 1:
+        for name in part_names:
+            ax_loss.plot(epochs, [r['loss_parts'].get(name, math.nan) for r in history],
+                         label=name, linewidth=1)
+    plotted = [r['loss'] for r in history] + [v for r in history for v in r['loss_parts'].values()]
+    if len(part_names) > 1 and all(v > 0 for v in plotted if math.isfinite(v)):
+        ax_loss.set_yscale('log')  # the parts differ by orders of magnitude
+    ax_loss.set_xlabel('epoch')
+    ax_loss.set_ylabel('training loss (mean per triple)')
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    evaluated = [r for r in history if 'valid' in r]
+    eval_epochs = [r['epoch'] for r in evaluated]
+    for metric in (f'recall@{k}', f'ndcg@{k}'):
+        ax_metric.plot(eval_epochs, [r['valid'].get(metric, math.nan) for r in evaluated],
+                       marker='.', label=f'valid {metric}')
+    if evaluated:
+        best = evaluated[-1].get('best_epoch', -1)
+        if best >= 0:
+            ax_metric.axvline(best, color='gray', linestyle='--', label=f'best epoch {best}')
+    for ax in (ax_loss, ax_metric):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_metric.set_xlabel('epoch')
+    ax_metric.set_ylabel('validation metric')
+    if evaluated:
+        ax_metric.legend()
+    ax_metric.grid(alpha=0.3)
+    with atomic_write(path, 'wb') as f:
+        fig.savefig(f, format='png', dpi=100)
+
+
+# ---------------------------------------------------------------------------
+# datasets
+# ---------------------------------------------------------------------------
+class DatasetNotFoundError(FileNotFoundError):
+    r"""The dataset folder or its ``.inter`` file does not exist; the message
+    says where the MMRec data is published and how the folder must look."""
+
+
+MMREC_DATA_URL = 'https://github.com/enoche/MMRec/tree/master/data'
+
+
+def _missing_dataset_message(root: Path, name: str) -> str:
+    return f"""dataset {name!r} not found: {root / name / f'{name}.inter'} does not exist.
+
+crane_pyg reads datasets in the MMRec format. The preprocessed Amazon sets (baby,
+sports, clothing, elec) with their image and text features are published by the
+MMRec toolbox: {MMREC_DATA_URL} (its README links the Google Drive folder).
+Unpack a dataset into <data-root>/<name>/ so that the folder looks like
+
+  {root / name}/
+    {name}.inter      tab-separated, header line: userID itemID rating timestamp x_label
+                      (0-based contiguous ids; x_label 0 = train, 1 = valid, 2 = test)
+    image_feat.npy    float [num_items, 4096], row i = item i   (one file per modality:
+    text_feat.npy     float [num_items, 384]                     <modality>_feat.npy)
+
+Point --data-root (or $CRANE_DATA_ROOT) at the folder holding <name>/ (now: {root}).
+Without --dataset the script trains on the embedded synthetic dataset."""
+
+
+def locate_dataset(config: DataConfig) -> Path | None:
+    r"""The folder ``<root>/<name>`` of ``config`` (``None`` for the embedded
+    synthetic dataset: ``name='synthetic'`` without ``root``).
+
+    Raises:
+        DatasetNotFoundError: ``<root>/<name>/<name>.inter`` does not exist.
+    """
+    if config.name == 'synthetic' and config.root is None:
+        return None
+    root = Path(config.root if config.root is not None else default_data_root())
+    if not (root / config.name / f'{config.name}.inter').is_file():
+        raise DatasetNotFoundError(_missing_dataset_message(root, config.name))
+    return root / config.name
+
+
+def load_dataset(config: DataConfig) -> Any:
+    r"""Loads the dataset of ``config``: the embedded synthetic set for
+    ``name='synthetic'`` without ``root``, else ``<root>/<name>`` with
+    :func:`~crane_pyg.data.load_mmrec`; keeps only ``config.modalities``.
+
+    Raises:
+        DatasetNotFoundError: ``<root>/<name>/<name>.inter`` does not exist.
+        ConfigError: a requested modality is missing.
+    """
+    from crane_pyg.data import load_mmrec, load_synthetic
+    from crane_pyg.data.schema import ITEM
+
+    folder = locate_dataset(config)
+    data = load_synthetic() if folder is None else load_mmrec(folder)
+    if config.modalities is not None:
+        present = list(getattr(data, 'modalities', []) or [])
+        missing = [m for m in config.modalities if m not in present]
+        if missing:
+            raise ConfigError(f'dataset {config.name!r} has modalities {present}, not '
+                              f'{missing} (feature files <modality>_feat.npy)',
+                              key='dataset.modalities')
+        for m in present:
+            if m not in config.modalities:
+                del data[ITEM][m]
+        data.modalities = [m for m in present if m in config.modalities]
+    return data
+
+
+# ---------------------------------------------------------------------------
+# experiments
+# ---------------------------------------------------------------------------
+def _config_yaml(config: ExperimentConfig) -> str:
+    import yaml
+    content = to_jsonable(config.to_dict())
+    content.pop('grid', None)
+    if config.sources.get('model.seed', '').startswith('train.seed'):
+        content['model'].pop('seed', None)  # keeps following train.seed when rerun
+    return ('# resolved configuration of this run; rerun with --config <this file>\n'
+            + yaml.safe_dump(content, sort_keys=False))
+
+
+def run_single(config: ExperimentConfig, output_dir: str | os.PathLike, *,
+               data: Any = None, resume: bool = False, quiet: bool = False,
+               max_epochs_this_run: int | None = None,
+               callbacks: Sequence[Callback] = (),
+               log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    r"""Trains one configuration (no grid): seeds, loads the data (unless
+    given), builds the model with ``from_data`` and runs a :class:`Trainer`.
+    Writes ``config.yaml`` (the resolved configuration) beside the results."""
+    train = config.train
+    configure_reproducibility(train.seed, train.deterministic, train.num_threads)
+    if data is None:
+        data = load_dataset(config.dataset)
+    registry = config.registry
+    if registry is None:
+        from crane_pyg.models import MODELS as registry
+    model_cls = registry[config.model_name]
+    try:
+        model = model_cls.from_data(data, **config.model_options)
+    except (TypeError, ValueError) as exc:  # an option value, or a dataset the model cannot use
+        raise ConfigError(f'cannot build model {config.model_name!r} on dataset '
+                          f'{config.dataset.name!r}: {exc}') from exc
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output_dir / CONFIG_COPY, _config_yaml(config))
+    experiment = config.to_dict()
+    experiment.pop('grid', None)
+    trainer = Trainer(model, data, train, output_dir, experiment=experiment,
+                      dataset_name=config.dataset.name, model_name=config.model_name,
+                      resume=resume, quiet=quiet, max_epochs_this_run=max_epochs_this_run,
+                      callbacks=callbacks, log=log,
+                      extra_results={'config_sources': dict(config.sources)})
+    return trainer.fit()
+
+
+Runner = Callable[..., dict]
+
+
+def run_grid(config: ExperimentConfig, output_dir: str | os.PathLike, *,
+             data: Any = None, resume: bool = False, quiet: bool = False,
+             runner: Runner = run_single,
+             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    r"""Trains every point of ``config.grid`` (each fully, in
+    ``output_dir/grid/<index>``) and selects the point with the best
+    **validation** ``stop_metric`` (ties: the first point). The test metrics
+    play no part in the choice (MMRec selects by test Recall@20, which leaks
+    the test set into model selection).
+
+    Writes ``grid_summary.md`` / ``grid_summary.json`` (every point's
+    parameters, valid and test metrics, the winner marked) and
+    ``results.json`` (the winner's results plus a ``grid`` entry).
+    With ``resume=True`` finished points are read back, not retrained.
+    """
+    output_dir = Path(output_dir)
+    log = log if log is not None else (lambda line: print(line, flush=True))
+    points = expand_grid(config.grid)
+    metric = config.train.stop_metric
+    if data is None and not any(key.startswith('dataset.') for key in config.grid):
+        data = load_dataset(config.dataset)
+    rows, all_results = [], []
+    for index, point in enumerate(points):
+        point_config = config.with_values(point)
+        point_dir = output_dir / 'grid' / f'{index:03d}'
+        done = point_dir / RESULTS
+        label = ', '.join(f'{k}={v}' for k, v in point.items())
+        if resume and done.is_file():
+            results = json.loads(done.read_text(encoding='utf-8'))
+            log(f'grid point {index + 1}/{len(points)} ({label}): finished earlier')
+        else:
+            log(f'grid point {index + 1}/{len(points)}: {label}')
+            results = runner(point_config, point_dir, data=data, resume=resume, quiet=quiet)
+        if results.get('status') not in ('completed', 'early_stopped'):
+            return {**results, 'grid': None}
+        all_results.append(results)
+        rows.append({'index': index, 'params': point, 'output_dir': str(point_dir),
+                     'best_epoch': results['best_epoch'], 'valid': results['valid'],
+                     'test': results['test']})
+    winner = max(range(len(rows)), key=lambda i: (rows[i]['valid'][metric], -i))
+    for i, row in enumerate(rows):
+        row['winner'] = i == winner
+    summary = {'stop_metric': metric, 'selected_by': f'valid {metric}',
+               'winner': winner, 'params': rows[winner]['params'], 'points': rows}
+    atomic_write_json(output_dir / f'{GRID_SUMMARY}.json', summary)
+    atomic_write_text(output_dir / f'{GRID_SUMMARY}.md', _grid_markdown(summary, config.train.ks))
+    results = {**all_results[winner], 'grid': summary}
+    atomic_write_json(output_dir / RESULTS, results)
+    log(f'grid winner (by valid {metric}): point {winner} '
+        f'({", ".join(f"{k}={v}" for k, v in rows[winner]["params"].items())})')
+    return results
+
+
+def _grid_markdown(summary: Mapping[str, Any], ks: Sequence[int]) -> str:
+    metric = summary['stop_metric']
+    keys = list(summary['points'][0]['params']) if summary['points'] else []
+    columns = [f'valid {metric}'] + [f'valid {m}@{k}' for m in ('recall', 'ndcg') for k in ks
+                                     if f'{m}@{k}' != metric]
+    columns += [f'test {m}@{k}' for m in ('recall', 'ndcg') for k in ks]
+    head = ['#'] + keys + ['best epoch'] + columns + ['winner']
+    lines = [f'# Grid search ({len(summary["points"])} points), selected by '
+             f'{summary["selected_by"]}', '',
+             '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for row in summary['points']:
+        values = []
+        for column in columns:
+            split, name = column.split(' ')
+            values.append(f'{row[split].get(name, math.nan):.4f}')
+        cells = ([str(row['index'])] + [str(row['params'][k]) for k in keys]
+                 + [str(row['best_epoch'])] + values + ['**winner**' if row['winner'] else ''])
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    lines += ['', 'Test metrics are reported for information only; the selection uses '
+              'the validation split.', '']
+    return '\n'.join(lines)
+
+
+def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
+                   resume: bool = False, quiet: bool = False, data: Any = None,
+                   max_epochs_this_run: int | None = None,
+                   callbacks: Sequence[Callback] = (),
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    r"""Runs ``config``: a grid search when ``config.grid`` is set
+    (:func:`run_grid`), else a single training run (:func:`run_single`)."""
+    if config.grid:
+        return run_grid(config, output_dir, data=data, resume=resume, quiet=quiet, log=log)
+    return run_single(config, output_dir, data=data, resume=resume, quiet=quiet,
+                      max_epochs_this_run=max_epochs_this_run, callbacks=callbacks, log=log)
+
+
+# ---------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------
+def format_metrics_table(valid: Mapping[str, float], test: Mapping[str, float],
+                         ks: Sequence[int] = (10, 20, 50)) -> str:
+    r"""A fixed-width table: rows ``valid``/``test``, columns metric@K."""
+    names = (('recall', 'Recall'), ('ndcg', 'NDCG'), ('precision', 'Prec'), ('map', 'MAP'),
+             ('hit', 'Hit'))
+    columns = [(f'{key}@{k}', f'{label}@{k}') for key, label in names for k in ks]
+    width = max(9, *(len(label) for _, label in columns))
+    lines = ['split ' + ' '.join(f'{label:>{width}}' for _, label in columns)]
+    for split, metrics in (('valid', valid), ('test', test)):
+        lines.append(f'{split:<5} ' + ' '.join(f'{metrics.get(key, math.nan):>{width}.4f}'
+                                               for key, _ in columns))
+    return '\n'.join(lines)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    r"""The argument parser of ``examples/train_amazon.py``."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description='Train a multimodal recommender (CRANE, LightGCN, VBPR, FREEDOM) with '
+                    'the MMRec protocol. Without arguments: CRANE on the embedded synthetic '
+                    'dataset.',
+        epilog='Configuration layers (later wins): crane_pyg/configs/overall.yaml < '
+               'configs/model/<model>.yaml < configs/dataset/<dataset>.yaml < --config FILE '
+               '< --set KEY=VALUE < the flags above. Example: --set train.lr=5e-4 '
+               "--set model.lambda_cl=0.05 --set 'grid.model.lambda_cl=[0.01,0.1]'")
+    parser.add_argument('--dataset', help="dataset name: the folder <data-root>/<name>/ "
+                        "(default: 'synthetic', the embedded synthetic set)")
+    parser.add_argument('--data-root', help='folder holding the dataset folders '
+                        '(default: $CRANE_DATA_ROOT or ./data)')
+    parser.add_argument('--model', help='crane, lightgcn, vbpr or freedom (default: crane)')
+    parser.add_argument('--config', help='a YAML file with dataset/model/train/grid sections')
+    parser.add_argument('--output', help='output directory '
+                        '(default: runs/<dataset>-<model>-seed<seed>)')
+    parser.add_argument('--epochs', type=int, help='maximum epochs (train.epochs)')
+    parser.add_argument('--seed', type=int, help='random seed (train.seed)')
+    parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'),
+                        help='train.device (default: auto)')
+    parser.add_argument('--resume', action='store_true',
+                        help='continue the run in --output from its last.pt')
+    parser.add_argument('--set', dest='overrides', action='append', default=[],
+                        metavar='KEY=VALUE', help='override a dotted key, e.g. train.lr=5e-4 '
+                        '(repeatable; the value is parsed as YAML)')
+    parser.add_argument('--quiet', action='store_true',
+                        help='no progress bars and no per-epoch lines')
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    r"""The command line of ``examples/train_amazon.py``; returns the exit code
+    (0 success, 2 bad configuration or missing data, 130 interrupted)."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    flags: dict[str, Any] = {}
+    if args.data_root is not None:
+        flags['dataset.root'] = args.data_root
+    if args.epochs is not None:
+        flags['train.epochs'] = args.epochs
+    if args.seed is not None:
+        flags['train.seed'] = args.seed
+    if args.device is not None:
+        flags['train.device'] = args.device
+    name = parser.prog
+    try:
+        config = load_config(model=args.model, dataset=args.dataset, config_file=args.config,
+                             overrides=args.overrides, flags=flags)
+        output = Path(args.output or Path('runs') / f'{config.dataset.name}-'
+                      f'{config.model_name}-seed{config.train.seed}')
+        if not args.quiet:
+            print(f'{config.model_name} on {config.dataset.name} -> {output}', flush=True)
+        results = run_experiment(config, output, resume=args.resume, quiet=args.quiet)
+    except KeyboardInterrupt:
+        print(f'{name}: interrupted before training started', file=sys.stderr)
+        return 130
+    except (ConfigError, DatasetNotFoundError, CheckpointError) as exc:
+        print(f'{name}: error: {exc}', file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        from crane_pyg.data import DataFormatError
+        if isinstance(exc, DataFormatError):
+            print(f'{name}: error: invalid dataset: {exc}', file=sys.stderr)
+            return 2
+        raise
+    if results['status'] not in ('completed', 'early_stopped'):
+        words = list(argv if argv is not None else sys.argv[1:])
+        program = sys.argv[0] if sys.argv and sys.argv[0].endswith('.py') else 'train_amazon.py'
+        cmd = ' '.join(shlex.quote(w) for w in ['python', program] + words)
+        if '--resume' not in cmd:
+            cmd += ' --resume'
+        if '--output' not in cmd:
+            cmd += f' --output {shlex.quote(str(output))}'
+        print(f'to resume: {cmd}', file=sys.stderr)
+        return 130
+    print(f"\n{results['model']} on {results['dataset']}: best epoch {results['best_epoch']} "
+          f"(by valid {results['stop_metric']}), {results['seconds_per_epoch']:.2f} s/epoch, "
+          f"eval {results['eval_seconds']:.2f} s, peak memory "
+          f"{results['peak_memory_mb']:.0f} MiB")
+    print(format_metrics_table(results['valid'], results['test'], config.train.ks))
+    print(f'results: {output / RESULTS}')
+    return 0

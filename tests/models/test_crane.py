@@ -1,0 +1,411 @@
+"""CRANE: equivariance, ablation switches, graph rebuild, edge dropout and
+exact references for its building blocks."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch_geometric.data import HeteroData
+
+from crane_pyg.data import ITEM, ITEM_ITEM, USER, USER_ITEM
+from crane_pyg.models import CRANE
+from crane_pyg.models.base import degree_sensitive_edge_sample, epoch_generator
+from crane_pyg.nn import InfoNCE
+from crane_pyg.transforms import ItemKNNGraph, knn_adjacency
+from torch_geometric.utils import to_dense_adj
+
+DIM = 16
+
+
+@pytest.fixture(scope='module')
+def knn_data(synthetic_data):
+    return ItemKNNGraph(k=10)(copy.copy(synthetic_data))
+
+
+def _batch(data, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    edge_index = data[USER_ITEM].edge_index
+    pick = torch.randperm(edge_index.size(1), generator=g)[:size]
+    neg = torch.randint(0, data[ITEM].num_nodes, (size, ), generator=g)
+    return edge_index[0, pick], edge_index[1, pick], neg
+
+
+def _dense(index, weight, n):
+    """Dense matrix of a graph in the models' matrix orientation (row receives)."""
+    return to_dense_adj(index, edge_attr=weight, max_num_nodes=n)[0].double()
+
+
+def _mean_matrix(data):
+    """[U, I] row-normalised interaction matrix (mean over a user's items)."""
+    edge_index = data[USER_ITEM].edge_index
+    r = torch.zeros(data[USER].num_nodes, data[ITEM].num_nodes, dtype=torch.float64)
+    r[edge_index[0], edge_index[1]] = 1.0
+    return r / r.sum(1, keepdim=True).clamp_min(1.0), r
+
+
+def _model(data, **options):
+    torch.manual_seed(0)
+    return CRANE.from_data(data, embedding_dim=DIM, **options)
+
+
+def _relabel(data, perm_user=None, perm_item=None):
+    """A copy of ``data`` whose user (item) ``i`` is renamed ``perm[i]``."""
+    num_users, num_items = data[USER].num_nodes, data[ITEM].num_nodes
+    pu = torch.arange(num_users) if perm_user is None else perm_user
+    pi = torch.arange(num_items) if perm_item is None else perm_item
+    inv_i = torch.empty_like(pi)
+    inv_i[pi] = torch.arange(num_items)
+    out = HeteroData()
+    out.name = data.name
+    out.modalities = list(data.modalities)
+    out[USER].num_nodes = num_users
+    out[ITEM].num_nodes = num_items
+    for m in data.modalities:
+        out[ITEM][m] = data[ITEM][m][inv_i]  # new row pi[i] = old row i
+    edge_index = data[USER_ITEM].edge_index
+    out[USER_ITEM].edge_index = torch.stack([pu[edge_index[0]], pi[edge_index[1]]])
+    out[ITEM_ITEM].edge_index = pi[data[ITEM_ITEM].edge_index]
+    out[ITEM_ITEM].edge_weight = data[ITEM_ITEM].edge_weight.clone()
+    return out
+
+
+# ---------------------------------------------------------------------------
+# equivariance
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('side', ['user', 'item'])
+def test_permutation_equivariance(knn_data, side):
+    g = torch.Generator().manual_seed(1)
+    num_users, num_items = knn_data[USER].num_nodes, knn_data[ITEM].num_nodes
+    pu = torch.randperm(num_users, generator=g) if side == 'user' else None
+    pi = torch.randperm(num_items, generator=g) if side == 'item' else None
+    model = _model(knn_data).eval()
+    permuted = _model(_relabel(knn_data, pu, pi)).eval()
+    state = model.state_dict()
+    if pu is not None:
+        state['user_embedding.weight'] = torch.empty_like(state['user_embedding.weight'])
+        state['user_embedding.weight'][pu] = model.user_embedding.weight.detach()
+    if pi is not None:
+        state['item_embedding.weight'] = torch.empty_like(state['item_embedding.weight'])
+        state['item_embedding.weight'][pi] = model.item_embedding.weight.detach()
+    permuted.load_state_dict(state)
+    users = torch.arange(num_users)
+    with torch.no_grad():
+        scores = model.score_all_items(users)
+        scores_p = permuted.score_all_items(users)
+    if pu is not None:
+        torch.testing.assert_close(scores_p[pu], scores, atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(scores_p[:, pi], scores, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# building blocks against dense references
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('norm', ['mean', 'sym'])
+@pytest.mark.parametrize('precompute', [True, False])
+def test_profiles_are_aggregated_encoded_features(knn_data, norm, precompute):
+    model = _model(knn_data, profile_norm=norm, precompute_profiles=precompute).eval()
+    mean, r = _mean_matrix(knn_data)
+    if norm == 'mean':
+        a = mean
+    else:
+        du, di = r.sum(1, keepdim=True), r.sum(0, keepdim=True)
+        a = r / (du.clamp_min(1).sqrt() * di.clamp_min(1).sqrt())
+    with torch.no_grad():
+        x_item = model._encode_items()  # [I, M, d]
+        ref = torch.einsum('ui,imd->umd', a, x_item.double())
+        out = model._profiles(x_item, None)
+        sub = model._profiles(x_item, torch.tensor([3, 1, 3]))
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sub, out[[3, 1, 3]])
+    for m, encoder in enumerate(model.encoders):
+        torch.testing.assert_close(x_item[:, m], encoder(knn_data[ITEM][knn_data.modalities[m]]))
+
+
+def test_users_without_items_get_zero_profiles(knn_data):
+    data = copy.copy(knn_data)
+    edge_index = knn_data[USER_ITEM].edge_index
+    data[USER_ITEM].edge_index = edge_index[:, edge_index[0] != 0]  # user 0 loses its items
+    for precompute in (True, False):
+        model = _model(data, precompute_profiles=precompute).eval()
+        with torch.no_grad():
+            p = model._profiles(model._encode_items(), torch.tensor([0, 1]))
+            assert torch.all(p[0] == 0) and p[1].abs().sum() > 0
+            assert torch.isfinite(model.embeddings()[0]).all()
+
+
+@pytest.mark.parametrize('mode', ['profile', 'items', 'both'])
+def test_semantic_view(knn_data, mode):
+    model = _model(knn_data, user_semantic=mode, num_ii_layers=2).eval()
+    mean, _ = _mean_matrix(knn_data)
+    s = _dense(model.item_adj_index, model.item_adj_weight, model.num_items)
+    with torch.no_grad():
+        x_item = model._encode_items()
+        z_item = model.rca(x_item).double()
+        z_user = (None if mode == 'items'
+                  else model.rca(model._profiles(x_item, None)).double())
+        h_user, h_item = model.semantic()
+        users = torch.tensor([5, 2, 9])
+        h_user_sub, h_item_again = model.semantic(users)
+    ref_item = s @ (s @ z_item)
+    if mode == 'items':
+        assert not hasattr(model, 'profile_mass')  # profiles are not computed
+        ref_user = mean @ ref_item
+    else:
+        ref_user = z_user if mode == 'profile' else 0.5 * (z_user + mean @ ref_item)
+    torch.testing.assert_close(h_item.double(), ref_item, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_user.double(), ref_user, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_user_sub, h_user[users], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(h_item_again, h_item)
+
+
+def test_item_graph_is_the_transforms_matrix(knn_data):
+    model = _model(knn_data)
+    store = knn_data[ITEM_ITEM]
+    s_doc = to_dense_adj(store.edge_index, edge_attr=store.edge_weight,
+                         max_num_nodes=model.num_items)[0].t().double()
+    s_model = _dense(model.item_adj_index, model.item_adj_weight, model.num_items)
+    torch.testing.assert_close(s_model, s_doc)
+    # row i (what item i aggregates) holds i's own top-k cosine neighbours
+    for m in knn_data.modalities:
+        x = F.normalize(knn_data[ITEM][m], dim=-1)
+        top = (x @ x.t()).topk(10, dim=1).indices
+        assert bool((s_model.gather(1, top) > 0).all()), m
+    # binary kNN rows have k entries of 1/k per modality: rows sum to one
+    torch.testing.assert_close(s_model.sum(1), torch.ones(model.num_items, dtype=torch.float64))
+
+
+@pytest.mark.parametrize('fusion', ['sum', 'concat'])
+def test_fusion_and_loss_by_hand(knn_data, fusion):
+    """The loss (which evaluates the user semantic view on the batch's users
+    only) equals the one computed from the full-graph views."""
+    model = _model(knn_data, fusion=fusion, lambda_cl=0.3, lambda_reg=0.01).eval()
+    users, pos, neg = _batch(knn_data)
+    with torch.no_grad():
+        e_user, e_item = model.behavioural()
+        h_user, h_item = model.semantic()
+        u_emb, i_emb = model.embeddings()
+        loss, parts = model.loss(users, pos, neg)
+    if fusion == 'sum':
+        torch.testing.assert_close(u_emb, e_user + h_user)
+        torch.testing.assert_close(i_emb, e_item + h_item)
+    else:
+        scores = model.score_all_items(torch.arange(model.num_users), (u_emb, i_emb))
+        torch.testing.assert_close(scores, e_user @ e_item.t() + h_user @ h_item.t(),
+                                   atol=1e-5, rtol=1e-5)
+    x = (u_emb[users] * i_emb[pos]).sum(-1) - (u_emb[users] * i_emb[neg]).sum(-1)
+    bpr = F.softplus(-x).mean()
+    uu, ui = users.unique(), pos.unique()
+    nce = InfoNCE(0.2)
+    cl = 0.3 * (nce(e_user[uu], h_user[uu]) + nce(e_item[ui], h_item[ui]))
+    ego = (model.user_embedding.weight[users].pow(2).sum()
+           + model.item_embedding.weight[pos].pow(2).sum()
+           + model.item_embedding.weight[neg].pow(2).sum())
+    reg = 0.01 * 0.5 * ego / users.numel()
+    assert parts['bpr'] == pytest.approx(bpr.item(), rel=1e-5)
+    assert parts['cl'] == pytest.approx(cl.item(), rel=1e-5)
+    assert parts['reg'] == pytest.approx(reg.item(), rel=1e-5)
+    assert loss.item() == pytest.approx((bpr + cl + reg).item(), rel=1e-5)
+
+
+def test_lambda_cl_zero_disables_the_contrastive_term(knn_data):
+    model = _model(knn_data, lambda_cl=0.0)
+    _, parts = model.loss(*_batch(knn_data))
+    assert set(parts) == {'bpr', 'reg'}
+
+
+def test_no_node_by_node_tensor(knn_data):
+    """Linear cost: no tensor saved for backward is node x node (U, I or U+I
+    in two dimensions)."""
+    model = _model(knn_data).train()
+    node_sizes = {model.num_users, model.num_items, model.num_users + model.num_items}
+    shapes = []
+
+    def pack(t):
+        if t.layout == torch.strided and t.dim() >= 2:
+            shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = model.loss(*_batch(knn_data, size=64))
+        model.embeddings()
+    assert shapes
+    big = [s for s in shapes if sum(dim in node_sizes for dim in s) >= 2]
+    assert not big, big
+
+
+# ---------------------------------------------------------------------------
+# ablation switches
+# ---------------------------------------------------------------------------
+
+def test_use_rca_false_is_zero_recursions(knn_data):
+    a = _model(knn_data, use_rca=False, num_recursions=2).eval()
+    b = _model(knn_data, num_recursions=0).eval()
+    assert a.rca.num_recursions == 0 and len(a.rca.blocks) == 0
+    b.load_state_dict(a.state_dict())  # same parameter set
+    with torch.no_grad():
+        for x, y in zip(a.embeddings(), b.embeddings()):
+            torch.testing.assert_close(x, y)
+        x_item = a._encode_items()
+        torch.testing.assert_close(a.rca(x_item), a.rca.lin_z(x_item.flatten(1)))
+        full = _model(knn_data, num_recursions=2).eval()
+        full.load_state_dict(a.state_dict(), strict=False)
+        assert not torch.allclose(full.embeddings()[1], a.embeddings()[1])
+
+
+def test_precomputed_profiles_change_nothing(knn_data):
+    a = _model(knn_data, precompute_profiles=True).eval()
+    b = _model(knn_data, precompute_profiles=False).eval()
+    b.load_state_dict(a.state_dict())
+    batch = _batch(knn_data)
+    with torch.no_grad():
+        for x, y in zip(a.embeddings(), b.embeddings()):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    la, lb = a.loss(*batch)[0], b.loss(*batch)[0]
+    assert la.item() == pytest.approx(lb.item(), rel=1e-5)
+    la.backward()
+    lb.backward()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_use_profiles_false_learns_user_semantic_ids(knn_data):
+    model = _model(knn_data, use_profiles=False, user_semantic='profile').eval()
+    assert model.user_semantic_embedding is not None
+    assert not hasattr(model, 'profile_mass')
+    with torch.no_grad():
+        h_user, _ = model.semantic()
+    torch.testing.assert_close(h_user, model.user_semantic_embedding.weight)
+    # 'items' needs no user semantic embedding at all
+    assert _model(knn_data, use_profiles=False, user_semantic='items').user_semantic_embedding is None
+
+
+def test_use_item_graph_false(synthetic_data):
+    model = _model(synthetic_data, use_item_graph=False).eval()  # no kNN graph built
+    assert model.item_conv is None and not hasattr(model, 'item_adj_index')
+    with torch.no_grad():
+        _, h_item = model.semantic()
+        torch.testing.assert_close(h_item, model.rca(model._encode_items()))
+    with pytest.raises(ValueError, match='needs the item graph'):
+        _model(synthetic_data, use_item_graph=False, graph_rebuild_every=2)
+
+
+@pytest.mark.parametrize('options', [
+    dict(use_rca=False), dict(use_profiles=False), dict(use_item_graph=False),
+    dict(user_semantic='items'), dict(user_semantic='profile'), dict(fusion='concat'),
+    dict(edge_dropout=0.5), dict(profile_norm='sym', precompute_profiles=False),
+    dict(rca_dropout=0.2, num_ii_layers=0),
+], ids=lambda o: ','.join(f'{k}={v}' for k, v in o.items()))
+def test_ablations_train(knn_data, options):
+    model = _model(knn_data, **options).train()
+    model.on_epoch_start(1)
+    loss, _ = model.loss(*_batch(knn_data))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_rca_dropout_only_in_training(knn_data):
+    model = _model(knn_data, rca_dropout=0.5)
+    batch = _batch(knn_data)
+    with torch.no_grad():
+        model.eval()
+        assert model.loss(*batch)[0].item() == model.loss(*batch)[0].item()
+        model.train()
+        assert model.loss(*batch)[0].item() != model.loss(*batch)[0].item()
+
+
+# ---------------------------------------------------------------------------
+# per-epoch state: edge dropout and item graph rebuild
+# ---------------------------------------------------------------------------
+
+def test_edge_dropout(knn_data):
+    num_edges = knn_data[USER_ITEM].edge_index.size(1)
+    model = _model(knn_data, edge_dropout=0.3, seed=7)
+    model.on_epoch_start(4)
+    e4 = model.train_edge_index.clone()
+    assert e4.size(1) == int(num_edges * 0.7)
+    keep = degree_sensitive_edge_sample(knn_data[USER_ITEM].edge_index, model.num_users,
+                                        model.num_items, 0.3, epoch_generator(7, 4))
+    assert torch.equal(e4, knn_data[USER_ITEM].edge_index[:, keep])
+    model.on_epoch_start(5)
+    assert model.train_edge_index.size(1) == e4.size(1)
+    assert not torch.equal(model.train_edge_index, e4)
+    fresh = _model(knn_data, edge_dropout=0.3, seed=7)
+    fresh.on_epoch_start(4)
+    assert torch.equal(fresh.train_edge_index, e4)
+    # the pruned graph is used in training only
+    with torch.no_grad():
+        e_train = fresh.behavioural(train_graph=True)[0]
+        e_full = fresh.behavioural(train_graph=False)[0]
+        assert not torch.allclose(e_train, e_full)
+        torch.testing.assert_close(fresh.eval().embeddings()[0],
+                                   _model(knn_data).eval().embeddings()[0])
+    assert 'train_edge_index' not in model.state_dict()
+
+
+def test_graph_rebuild(knn_data):
+    beta = 0.3
+    model = _model(knn_data, graph_rebuild_every=2, rebuild_mix=beta).train()
+    raw = _dense(model.item_adj_index, model.item_adj_weight, model.num_items)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def snapshot():
+        return model.item_adj_index.clone(), model.item_adj_weight.clone()
+
+    def train_step():
+        optimizer.zero_grad()
+        model.loss(*_batch(knn_data))[0].backward()
+        optimizer.step()
+
+    graphs = {}
+    for epoch in range(5):
+        before = snapshot()
+        model.on_epoch_start(epoch)
+        assert model.training
+        after = snapshot()
+        changed = not (torch.equal(before[0], after[0]) and torch.equal(before[1], after[1]))
+        assert changed == (epoch in (2, 4)), epoch
+        if epoch in (2, 4):
+            with torch.no_grad():
+                z = model.eval().rca(model._encode_items())
+            model.train()
+            new_index, new_weight = knn_adjacency([z], 10)
+            new = to_dense_adj(new_index, edge_attr=new_weight,
+                               max_num_nodes=model.num_items)[0].t().double()
+            torch.testing.assert_close(_dense(*after, model.num_items),
+                                       beta * raw + (1 - beta) * new)
+            graphs[epoch] = after
+        train_step()
+    assert graphs[2][0].size(1) != graphs[4][0].size(1) or not torch.equal(graphs[2][1],
+                                                                            graphs[4][1])
+
+    # the rebuilt graph is in the state_dict and loads into a fresh model,
+    # whose buffers have another number of entries
+    state = model.state_dict()
+    assert torch.equal(state['item_adj_index'], model.item_adj_index)
+    fresh = _model(knn_data, graph_rebuild_every=2, rebuild_mix=beta).eval()
+    assert fresh.item_adj_index.size(1) != model.item_adj_index.size(1)
+    with torch.no_grad():
+        fresh.embeddings()  # fills the propagation caches with the raw graph
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.item_adj_index, model.item_adj_index)
+    assert torch.equal(fresh.item_adj_weight, model.item_adj_weight)
+    model.eval()
+    with torch.no_grad():
+        for x, y in zip(model.embeddings(), fresh.embeddings()):
+            torch.testing.assert_close(x, y)
+    # the raw graph stays the reference of later rebuilds
+    torch.testing.assert_close(_dense(fresh.raw_item_adj_index, fresh.raw_item_adj_weight,
+                                      fresh.num_items), raw)
+
+
+def test_graph_rebuild_ignores_rca_dropout(knn_data):
+    a = _model(knn_data, graph_rebuild_every=1, rca_dropout=0.5).train()
+    b = _model(knn_data, graph_rebuild_every=1, rca_dropout=0.5).train()
+    a.on_epoch_start(1)
+    b.on_epoch_start(1)
+    assert torch.equal(a.item_adj_index, b.item_adj_index)
+    assert torch.equal(a.item_adj_weight, b.item_adj_weight)

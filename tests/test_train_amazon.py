@@ -1,0 +1,250 @@
+"""examples/train_amazon.py and benchmarks/compare_models.py end to end."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from crane_pyg.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / 'examples' / 'train_amazon.py'
+
+
+def load_compare_models():
+    spec = importlib.util.spec_from_file_location('compare_models',
+                                                  REPO / 'benchmarks' / 'compare_models.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tiny(synthetic_root):
+    """CLI arguments selecting the small synthetic set of conftest."""
+    return ['--data-root', str(synthetic_root.parent), '--dataset', synthetic_root.name]
+
+
+FAST = ['--set', 'train.batch_size=1024', '--set', 'train.eval_batch_size=300', '--quiet']
+
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_default_run_trains_crane_on_the_embedded_dataset(tmp_path, monkeypatch, capsys,
+                                                          keep_threads):
+    monkeypatch.setenv('CRANE_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.chdir(tmp_path)
+    # the default run; one thread only because the test machine's cores are shared
+    assert main(['--epochs', '2', '--set', 'train.num_threads=1']) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / 'runs' / 'synthetic-crane-seed999'
+    results = json.loads((run / 'results.json').read_text())
+    assert results['model'] == 'crane' and results['dataset'] == 'synthetic'
+    assert results['epochs_run'] == 2 and results['config']['train']['epochs'] == 2
+    assert results['data']['users'] == 2000 and results['data']['modalities'] == ['image', 'text']
+    assert results['config_sources']['train.epochs'] == 'command line (train.epochs)'
+    # the final table: valid and test rows, every metric at every cut-off
+    header = next(line for line in out.splitlines() if line.startswith('split'))
+    for name in ('Recall', 'NDCG', 'Prec', 'MAP', 'Hit'):
+        for k in (10, 20, 50):
+            assert f'{name}@{k}' in header
+    valid_row = next(line for line in out.splitlines() if line.startswith('valid '))
+    assert float(valid_row.split()[2]) == pytest.approx(results['valid']['recall@20'], abs=5e-5)
+    assert 'epoch    1 |' in out  # the per-evaluation summary lines
+    assert (run / 'curves.png').is_file() and (run / 'config.yaml').is_file()
+
+
+def test_run_on_a_dataset_folder_and_resume(tiny, tmp_path, capsys):
+    out = tmp_path / 'run'
+    args = tiny + ['--model', 'lightgcn', '--output', str(out), '--seed', '5'] + FAST
+    assert main(args + ['--epochs', '2']) == 0
+    assert 'Recall@20' in capsys.readouterr().out
+    first = json.loads((out / 'results.json').read_text())
+    assert first['config']['train']['seed'] == 5 and first['epochs_run'] == 2
+    # continue the same run to 3 epochs
+    assert main(args + ['--epochs', '3', '--resume']) == 0
+    history = [json.loads(line) for line in (out / 'history.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in history] == [0, 1, 2]
+    # the resolved config.yaml reproduces the run's configuration
+    assert main(['--config', str(out / 'config.yaml'), '--output', str(tmp_path / 'again'),
+                 '--epochs', '3', '--quiet']) == 0
+    again = json.loads((tmp_path / 'again' / 'results.json').read_text())
+    assert again['config'] == json.loads((out / 'results.json').read_text())['config']
+    assert again['test'] == json.loads((out / 'results.json').read_text())['test']
+
+
+def test_ctrl_c_exits_130_with_a_resume_command(tiny, tmp_path, monkeypatch, capsys):
+    from crane_pyg.train import Trainer
+    original = Trainer._run_epoch
+
+    def interrupted(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        original(self, epoch)
+
+    monkeypatch.setattr(Trainer, '_run_epoch', interrupted)
+    out = tmp_path / 'run'
+    args = tiny + ['--model', 'lightgcn', '--output', str(out), '--epochs', '3'] + FAST
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err and 'holds the state after epoch 0' in err
+    resume_line = next(line for line in err.splitlines() if line.startswith('to resume: '))
+    assert resume_line.endswith(' --resume') and '--epochs 3' in resume_line
+    assert not (out / 'results.json').exists()
+    monkeypatch.setattr(Trainer, '_run_epoch', original)
+    assert main(args + ['--resume']) == 0
+    results = json.loads((out / 'results.json').read_text())
+    assert results['epochs_run'] == 3 and results['status'] == 'completed'
+
+
+def test_grid_from_a_config_file(tiny, tmp_path):
+    config = tmp_path / 'grid.yaml'
+    config.write_text('grid:\n  model.num_layers: [0, 1]\n')
+    out = tmp_path / 'grid'
+    assert main(tiny + ['--model', 'lightgcn', '--config', str(config), '--output', str(out),
+                        '--epochs', '1'] + FAST) == 0
+    summary = json.loads((out / 'grid_summary.json').read_text())
+    assert [p['params'] for p in summary['points']] == [{'model.num_layers': 0},
+                                                        {'model.num_layers': 1}]
+    winner = summary['points'][summary['winner']]
+    other = summary['points'][1 - summary['winner']]
+    assert winner['valid']['recall@20'] >= other['valid']['recall@20']
+    results = json.loads((out / 'results.json').read_text())
+    assert results['config']['model']['num_layers'] == winner['params']['model.num_layers']
+    assert (out / 'grid_summary.md').is_file()
+    assert (out / 'grid' / '000' / 'results.json').is_file()
+
+
+def test_modality_selection(tiny, tmp_path, capsys):
+    out = tmp_path / 'vbpr'
+    assert main(tiny + ['--model', 'vbpr', '--output', str(out), '--epochs', '1',
+                        '--set', 'dataset.modalities=[text]'] + FAST) == 0
+    assert json.loads((out / 'results.json').read_text())['data']['modalities'] == ['text']
+    assert main(tiny + ['--model', 'vbpr', '--output', str(out), '--epochs', '1',
+                        '--set', 'dataset.modalities=[audio]'] + FAST) == 2
+    assert "has modalities ['image', 'text'], not ['audio']" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# errors: exit code 2, a message, no traceback
+# ---------------------------------------------------------------------------
+def test_missing_dataset_explains_where_and_how(tmp_path, capsys):
+    assert main(['--dataset', 'baby', '--data-root', str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err
+    assert str(tmp_path / 'baby' / 'baby.inter') in err
+    assert 'https://github.com/enoche/MMRec' in err
+    assert 'userID itemID rating timestamp x_label' in err
+    assert 'image_feat.npy' in err and 'text_feat.npy' in err
+
+
+def test_missing_dataset_default_root_is_the_environment(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv('CRANE_DATA_ROOT', str(tmp_path / 'elsewhere'))
+    assert main(['--dataset', 'sports']) == 2
+    assert str(tmp_path / 'elsewhere' / 'sports' / 'sports.inter') in capsys.readouterr().err
+
+
+def test_missing_dataset_through_the_script(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), '--dataset', 'clothing',
+                           '--data-root', str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, 'PYTHONPATH': str(REPO)}, timeout=300)
+    assert proc.returncode == 2
+    assert 'Traceback' not in proc.stderr
+    assert 'clothing.inter' in proc.stderr and 'x_label' in proc.stderr
+
+
+@pytest.mark.parametrize('argv, expected', [
+    (['--set', 'train.lr=abc'], "key 'train.lr': expected float"),
+    (['--set', 'train.epoch=3'], "did you mean 'train.epochs'"),
+    (['--set', 'model.lambda_c=0.1'], "did you mean 'model.lambda_cl'"),
+    (['--set', 'train.lr'], 'expected KEY=VALUE'),
+    (['--model', 'lightgcm'], "unknown model 'lightgcm'"),
+    (['--config', 'does-not-exist.yaml'], 'config file not found'),
+])
+def test_bad_configuration_exits_with_2(argv, expected, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and 'Traceback' not in err
+
+
+def test_bad_config_file_names_file_and_key(tmp_path, capsys):
+    config = tmp_path / 'mine.yaml'
+    config.write_text('train:\n  epochs: 1.5\n')
+    assert main(['--config', str(config)]) == 2
+    assert f"{config}: key 'train.epochs': expected int" in capsys.readouterr().err
+
+
+def test_malformed_dataset_exits_with_2(tmp_path, capsys):
+    folder = tmp_path / 'broken'
+    folder.mkdir()
+    (folder / 'broken.inter').write_text('user\titem\n0\t1\n')
+    assert main(['--dataset', 'broken', '--data-root', str(tmp_path), '--model', 'lightgcn']) == 2
+    err = capsys.readouterr().err
+    assert 'invalid dataset' in err and 'broken.inter' in err
+
+
+def test_model_that_cannot_use_the_dataset_exits_with_2(tmp_path, capsys):
+    from crane_pyg.data import make_synthetic
+    make_synthetic(tmp_path / 'idonly', num_users=60, num_items=40, num_interactions=400,
+                   modalities={}, seed=1)
+    assert main(['--dataset', 'idonly', '--data-root', str(tmp_path), '--model', 'vbpr',
+                 '--epochs', '1', '--output', str(tmp_path / 'out')]) == 2
+    err = capsys.readouterr().err
+    assert "cannot build model 'vbpr' on dataset 'idonly'" in err
+
+
+# ---------------------------------------------------------------------------
+# benchmarks/compare_models.py
+# ---------------------------------------------------------------------------
+def test_compare_models_in_process(tiny, tmp_path):
+    compare_models = load_compare_models()
+    out = tmp_path / 'cmp'
+    argv = tiny + ['--models', 'lightgcn,vbpr', '--seeds', '1,2', '--epochs', '1',
+                   '--output', str(out), '--in-process'] + FAST
+    assert compare_models.main(argv) == 0
+    summary = json.loads((out / 'comparison.json').read_text())
+    assert [row['model'] for row in summary['rows']] == ['lightgcn', 'vbpr']
+    assert len(summary['runs']) == 4
+    for row in summary['rows']:
+        runs = [r for r in summary['runs'] if r['model'] == row['model']]
+        values = [r['test']['recall@20'] for r in runs]
+        stat = row['test']['recall@20']
+        assert stat['values'] == values
+        assert stat['mean'] == pytest.approx(sum(values) / 2)
+        assert stat['std'] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+        for run in runs:
+            on_disk = json.loads((Path(run['output_dir']) / 'results.json').read_text())
+            assert on_disk['test'] == run['test'] and on_disk['config']['train']['seed'] == run['seed']
+    markdown = (out / 'comparison.md').read_text()
+    assert '| lightgcn | 2 |' in markdown and '±' in markdown and 'NDCG@20' in markdown
+    assert not list(out.glob('.*.tmp'))
+    # --resume reuses the finished runs (no training: same numbers)
+    assert compare_models.main(argv + ['--resume']) == 0
+    assert json.loads((out / 'comparison.json').read_text())['rows'] == summary['rows']
+
+
+def test_compare_models_subprocess_and_errors(tiny, tmp_path, capsys):
+    compare_models = load_compare_models()
+    out = tmp_path / 'cmp'
+    assert compare_models.main(tiny + ['--models', 'lightgcn', '--seeds', '7', '--epochs', '1',
+                                       '--output', str(out)] + FAST) == 0
+    summary = json.loads((out / 'comparison.json').read_text())
+    assert summary['runs'][0]['seed'] == 7 and summary['rows'][0]['test']['recall@20']['std'] is None
+    assert '| lightgcn | 1 |' in (out / 'comparison.md').read_text()
+    capsys.readouterr()
+    assert compare_models.main(tiny + ['--models', 'lightgcn,foo']) == 2
+    assert "unknown model 'foo'" in capsys.readouterr().err
+    assert compare_models.main(['--dataset', 'baby', '--data-root', str(tmp_path)]) == 2
+    assert 'baby.inter' in capsys.readouterr().err
+    assert compare_models.main(tiny + ['--seeds', '1,x']) == 2
