@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict, Literal, Mapping, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.data import HeteroData
 from torch_geometric.utils import coalesce
@@ -165,9 +166,26 @@ class CRANE(Recommender):
             graph in a rebuilt graph. (default: ``0.5``)
         fusion (str): ``'sum'`` or ``'concat'`` (see 5.). (default: ``'sum'``)
         lambda_cl (float): :math:`\lambda_{cl}` (``0`` disables the contrastive
-            term). (default: ``0.1``)
+            term). The InfoNCE term pulls the behavioural view of every node
+            towards its semantic view; a large weight makes the ID embeddings
+            copy the content and costs ranking quality wherever the
+            interactions carry signal the content lacks (item popularity):
+            with ``0.1`` the BPR loss stays far higher and validation recall
+            drops on the synthetic data (validation recall@20 0.17 against
+            0.24 with ``0``) and on TikTok; ``0.01`` keeps a mild alignment
+            without that cost. (default: ``0.01``)
         temperature (float): :math:`\tau` of InfoNCE. (default: ``0.2``)
         lambda_reg (float): :math:`\lambda_{reg}`. (default: ``1e-4``)
+        semantic_scale (float, optional): when set, every row of the
+            semantic view is L2-normalised and multiplied by this factor,
+            :math:`\mathbf{h} \leftarrow s\,\mathbf{h}/\lVert\mathbf{h}\rVert`,
+            before fusion and the contrastive term. Without it the content
+            branch (unregularised linear encoders + RCA) grows to ~50x the
+            norm of the ID view within two epochs and the fused score
+            overfits the content (TikTok validation Recall@20 falls from
+            0.039 after epoch 1 to 0.023 after epoch 5); with ``0.2`` it
+            rises steadily (0.041 -> 0.059 over the same epochs).
+            :obj:`None` keeps the raw view. (default: ``0.2``)
         use_rca (bool): ablation; :obj:`False` is RCA with :math:`R = 0`
             (concatenation + projection). (default: :obj:`True`)
         use_profiles (bool): ablation; :obj:`False` gives users a learned ID
@@ -206,9 +224,10 @@ class CRANE(Recommender):
         graph_rebuild_every: int = 0,
         rebuild_mix: float = 0.5,
         fusion: Literal['sum', 'concat'] = 'sum',
-        lambda_cl: float = 0.1,
+        lambda_cl: float = 0.01,
         temperature: float = 0.2,
         lambda_reg: float = 1e-4,
+        semantic_scale: Optional[float] = 0.2,
         use_rca: bool = True,
         use_profiles: bool = True,
         use_item_graph: bool = True,
@@ -232,6 +251,11 @@ class CRANE(Recommender):
         check_float(name, 'lambda_cl', lambda_cl)
         check_float(name, 'temperature', temperature, 1e-12)
         check_float(name, 'lambda_reg', lambda_reg)
+        if semantic_scale is not None:
+            check_float(name, 'semantic_scale', semantic_scale)
+            if not semantic_scale > 0:
+                raise ValueError(f'{name}: semantic_scale must be > 0 or None, '
+                                 f'got {semantic_scale}')
         check_int(name, 'seed', seed, 0)
         features = check_features(features, num_items, name)
         if not features:
@@ -257,6 +281,7 @@ class CRANE(Recommender):
         self.fusion = fusion
         self.lambda_cl = float(lambda_cl)
         self.lambda_reg = float(lambda_reg)
+        self.semantic_scale = None if semantic_scale is None else float(semantic_scale)
         self.use_rca = bool(use_rca)
         self.use_profiles = bool(use_profiles)
         self.use_item_graph = bool(use_item_graph)
@@ -472,6 +497,9 @@ class CRANE(Recommender):
             h_user = item_mean if z_user is None else 0.5 * (z_user + item_mean)
         else:
             h_user = z_user
+        if self.semantic_scale is not None:
+            h_user = self.semantic_scale * F.normalize(h_user, dim=-1)
+            h_item = self.semantic_scale * F.normalize(h_item, dim=-1)
         return h_user, h_item
 
     def behavioural(self, train_graph: bool = False) -> Tuple[Tensor, Tensor]:

@@ -158,6 +158,11 @@ class TrainConfig:
             torch's default. (default: ``None``)
         grad_clip (float, optional): clip the gradient norm to this value;
             ``None`` disables clipping. (default: ``None``)
+        num_neighbors (list of int, optional): mini-batch mode
+            (:mod:`crane_pyg.train.minibatch`, LightGCN only): each step
+            propagates over the batch's sampled L-hop subgraph with this fan-out
+            per hop (``-1``: all neighbours, exact); one entry per layer.
+            ``None``: full-batch propagation. (default: ``None``)
     """
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -173,6 +178,7 @@ class TrainConfig:
     device: str = 'auto'
     num_threads: Union[int, None] = None
     grad_clip: Union[float, None] = None
+    num_neighbors: Union[tuple[int, ...], None] = None
 
     def __post_init__(self) -> None:
         _coerce_fields(self, 'train')
@@ -206,6 +212,10 @@ def _check_train_values(values: Mapping[str, Any]) -> tuple[str, str] | None:
         return 'num_threads', f'must be >= 1 or null, got {values["num_threads"]!r}'
     if values.get('grad_clip') is not None and not values['grad_clip'] > 0:
         return 'grad_clip', f'must be > 0 or null, got {values["grad_clip"]!r}'
+    fanout = values.get('num_neighbors')
+    if fanout is not None and (len(fanout) == 0 or any(k == 0 or k < -1 for k in fanout)):
+        return 'num_neighbors', (f'must be a non-empty list of positive ints or -1 (all '
+                                 f'neighbours), one per layer, or null; got {list(fanout)!r}')
     if 'ks' in values:
         ks = values['ks']
         if len(ks) == 0 or any(k < 1 for k in ks):

@@ -111,6 +111,22 @@ class Trainer:
         extra_results (dict, optional): more entries for ``results.json``.
         plot (bool): write ``curves.png`` whenever :meth:`fit` returns.
             (default: :obj:`True`)
+        distributed (DistributedContext, optional): data-parallel training
+            (:mod:`crane_pyg.train.distributed`): the model is wrapped in
+            :class:`~torch.nn.parallel.DistributedDataParallel`, each rank
+            trains on its shard of every epoch with batches of
+            ``batch_size / world_size`` triples (``batch_size`` stays the
+            *global* batch), evaluation is sharded over users, only rank 0
+            writes files, and early stopping is decided on rank 0 and
+            broadcast. ``config.device`` is replaced by the context's device.
+        find_unused_parameters (bool): passed to DDP; needed only by a model
+            whose loss leaves some parameters without gradient.
+            (default: :obj:`False`)
+        loss_module (torch.nn.Module, optional): the module called as
+            ``loss_module(users, pos, neg) -> (loss, parts)`` in training,
+            sharing the model's parameters; default the model itself, or
+            :class:`~crane_pyg.train.minibatch.MiniBatchLightGCN` when
+            ``config.num_neighbors`` is set.
     """
 
     def __init__(
@@ -131,6 +147,9 @@ class Trainer:
         restore_best: bool = True,
         extra_results: Mapping[str, Any] | None = None,
         plot: bool = True,
+        distributed: Any = None,
+        find_unused_parameters: bool = False,
+        loss_module: torch.nn.Module | None = None,
     ) -> None:
         from crane_pyg.data import BPRSampler
         from crane_pyg.data.schema import ITEM, USER, USER_ITEM
@@ -140,7 +159,16 @@ class Trainer:
         if max_epochs_this_run is not None and max_epochs_this_run < 1:
             raise ValueError(f'max_epochs_this_run must be >= 1, got {max_epochs_this_run}')
         self.config = config
-        self.device = resolve_device(config.device)
+        self.distributed = distributed
+        self.world_size = distributed.world_size if distributed is not None else 1
+        self.rank = distributed.rank if distributed is not None else 0
+        #: whether this process writes the outputs (rank 0)
+        self.is_main = self.rank == 0
+        if config.batch_size % self.world_size != 0:
+            raise ValueError(f'train.batch_size = {config.batch_size} (the global batch) must '
+                             f'be a multiple of the {self.world_size} processes')
+        self.device = distributed.device if distributed is not None \
+            else resolve_device(config.device)
         self.model = model.to(self.device)
         self.data = data
         self.experiment = (dict(experiment) if experiment is not None
@@ -163,7 +191,28 @@ class Trainer:
         self.num_users = int(data[USER].num_nodes)
         self.num_items = int(data[ITEM].num_nodes)
         self.sampler = BPRSampler(store.edge_index, self.num_users, self.num_items,
-                                  seed=config.seed, device=self.device)
+                                  seed=config.seed, device=self.device,
+                                  rank=self.rank, world_size=self.world_size)
+        if loss_module is None and config.num_neighbors is not None:
+            from .minibatch import MiniBatchLightGCN
+            loss_module = MiniBatchLightGCN(self.model, config.num_neighbors)
+        #: the module called for the training loss (``model`` or ``loss_module``,
+        #: wrapped in DDP when distributed)
+        self.train_model: torch.nn.Module = (self.model if loss_module is None
+                                             else loss_module.to(self.device))
+        if distributed is not None and self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            # Buffers are not synchronised in forward: they are derived from
+            # the data or updated deterministically (same seed) on every rank,
+            # and some change size (CRANE's rebuilt item graph).
+            import inspect
+            sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in
+                    inspect.signature(DistributedDataParallel.__init__).parameters
+                    else {'broadcast_buffers': False})
+            self.train_model = DistributedDataParallel(
+                self.train_model,
+                device_ids=[self.device] if self.device.type == 'cuda' else None,
+                find_unused_parameters=find_unused_parameters, **sync)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
                                           weight_decay=config.weight_decay)
         self._evaluators: dict[str, Any] = {}
@@ -203,7 +252,8 @@ class Trainer:
             def score(users: Tensor) -> Tensor:
                 return self.model.score_all_items(users, embeddings)
 
-            return evaluator.evaluate(score)
+            from .distributed import evaluate_sharded
+            return evaluate_sharded(evaluator, score, self.distributed)
         finally:
             self.model.train(was_training)
 
@@ -257,8 +307,13 @@ class Trainer:
             raise CheckpointError(f'{path} belongs to another configuration ({details}); '
                                   f'use another output directory or drop --resume')
 
+    def _log(self, line: str) -> None:
+        if self.is_main:
+            self.log(line)
+
     def _save_last(self) -> None:
-        save_checkpoint(self.output_dir / LAST, self.state())
+        if self.is_main:
+                save_checkpoint(self.output_dir / LAST, self.state())
         self._saved_epoch = self.epoch
 
     # ------------------------------------------------------------------
@@ -267,16 +322,16 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> tuple[float, dict[str, float]]:
         self.model.train()
         self.model.on_epoch_start(epoch)
-        batch_size = self.config.batch_size
+        batch_size = self.config.batch_size // self.world_size  # per rank
         total, parts_sum, count = 0.0, {}, 0
         bar = tqdm(self.sampler.batches(epoch, batch_size),
                    total=self.sampler.num_batches(batch_size),
                    desc=f'epoch {epoch}', leave=False, unit='batch',
-                   disable=self.quiet or not sys.stderr.isatty())
+                   disable=self.quiet or not self.is_main or not sys.stderr.isatty())
         try:
             for step, (users, pos, neg) in enumerate(bar):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss, parts = self.model.loss(users, pos, neg)
+                loss, parts = self.train_model(users, pos, neg)  # == model.loss
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise FloatingPointError(
@@ -294,6 +349,14 @@ class Trainer:
                 bar.set_postfix(loss=f'{value:.4f}', refresh=False)
         finally:
             bar.close()
+        if self.world_size > 1:  # the epoch's mean over all ranks' triples
+            from .distributed import all_reduce_sum
+            keys = sorted(parts_sum)
+            sums = all_reduce_sum(torch.tensor([total, float(count)]
+                                               + [parts_sum[k] for k in keys],
+                                               dtype=torch.float64), self.distributed)
+            total, count = float(sums[0]), float(sums[1])
+            parts_sum = {k: float(v) for k, v in zip(keys, sums[2:])}
         return total / count, {k: v / count for k, v in parts_sum.items()}
 
     def _should_evaluate(self, epoch: int) -> bool:
@@ -317,19 +380,26 @@ class Trainer:
         cfg = self.config
         configure_reproducibility(cfg.seed, cfg.deterministic, cfg.num_threads)
         last = self.output_dir / LAST
-        if self.resume and last.is_file():
+        resuming = self.resume and last.is_file()
+        if self.distributed is not None and self.world_size > 1:
+            from .distributed import barrier, broadcast_object
+            resuming = broadcast_object(resuming, self.distributed)  # rank 0 decides
+            barrier(self.distributed)
+        if resuming:
             self.load_state(load_checkpoint(last, map_location='cpu'))
             self._saved_epoch = self.epoch
-            _rewrite_history(self.output_dir / HISTORY, self.history)
-            self.log(f'resuming {self.output_dir} after epoch {self.epoch} '
+            if self.is_main:
+                _rewrite_history(self.output_dir / HISTORY, self.history)
+            self._log(f'resuming {self.output_dir} after epoch {self.epoch} '
                      f'(best {self.config.stop_metric} {self.best_score:.4f} '
                      f'at epoch {self.best_epoch})')
         else:
             if self.resume:
-                self.log(f'no {LAST} in {self.output_dir}: starting a fresh run')
-            for stale in (RESULTS, BEST, CURVES):
-                (self.output_dir / stale).unlink(missing_ok=True)
-            _rewrite_history(self.output_dir / HISTORY, [])
+                self._log(f'no {LAST} in {self.output_dir}: starting a fresh run')
+            if self.is_main:
+                for stale in (RESULTS, BEST, CURVES):
+                    (self.output_dir / stale).unlink(missing_ok=True)
+                _rewrite_history(self.output_dir / HISTORY, [])
             self._save_last()  # the initial state: a Ctrl-C in epoch 0 can resume
 
         status = 'paused'
@@ -346,21 +416,26 @@ class Trainer:
                           else 'completed')
         except KeyboardInterrupt:
             status = 'interrupted'
-            print(f'\ninterrupted: {self.output_dir / LAST} holds the state after epoch '
+            if self.is_main:
+                print(f'\ninterrupted: {self.output_dir / LAST} holds the state after epoch '
                   f'{self._saved_epoch}; continue the run with the same command plus --resume '
                   f'(Trainer(..., resume=True) in Python)', file=sys.stderr, flush=True)
         finally:
-            if self.history and self.plot:
+            if self.history and self.plot and self.is_main:
                 plot_curves(self.history, self.output_dir / CURVES, self.config.stop_metric)
 
         results = self.results(status)
         if status in ('completed', 'early_stopped'):
+            if self.distributed is not None:
+                from .distributed import barrier
+                barrier(self.distributed)  # rank 0 has written best.pt
             if self.restore_best and (self.output_dir / BEST).is_file():
                 best = load_checkpoint(self.output_dir / BEST, map_location='cpu')
                 self.model.load_state_dict(best['model'])
-            atomic_write_json(self.output_dir / RESULTS, results)
+            if self.is_main:
+                atomic_write_json(self.output_dir / RESULTS, results)
             if not self.quiet:
-                self.log(f'{status.replace("_", " ")} after epoch {self.epoch}; best '
+                self._log(f'{status.replace("_", " ")} after epoch {self.epoch}; best '
                          f'{self.config.stop_metric} {self.best_score:.4f} at epoch '
                          f'{self.best_epoch}; results in {self.output_dir / RESULTS}')
         return results
@@ -377,6 +452,11 @@ class Trainer:
             record['eval_seconds'] = time.perf_counter() - start
             score = valid[self.config.stop_metric]
             improved = score > self.best_score
+            if self.distributed is not None and self.world_size > 1:
+                # identical metrics on every rank already; rank 0's decision
+                # is broadcast so that no rounding can make the ranks diverge
+                from .distributed import broadcast_object
+                improved = broadcast_object(improved, self.distributed)
             if improved:
                 self.best_score, self.best_epoch, self.bad_evals = score, epoch, 0
                 self.best_valid = dict(valid)
@@ -389,13 +469,14 @@ class Trainer:
             record['best_epoch'] = self.best_epoch
             record['bad_evals'] = self.bad_evals
             if not self.quiet:
-                self.log(_summary_line(record, self.config.stop_metric))
+                self._log(_summary_line(record, self.config.stop_metric))
         self.epoch = epoch
         self.history.append(record)
-        with open(self.output_dir / HISTORY, 'a', encoding='utf-8') as f:
-            f.write(json.dumps(to_jsonable(record)) + '\n')
-        if record.get('best'):
-            save_checkpoint(self.output_dir / BEST, self.state())
+        if self.is_main:
+            with open(self.output_dir / HISTORY, 'a', encoding='utf-8') as f:
+                f.write(json.dumps(to_jsonable(record)) + '\n')
+            if record.get('best'):
+                save_checkpoint(self.output_dir / BEST, self.state())
         self._save_last()
         for callback in self.callbacks:
             callback(self, record)
@@ -435,6 +516,7 @@ class Trainer:
             'peak_memory_mb': peak,
             'peak_memory_source': source,
             'device': str(self.device),
+            'world_size': self.world_size,
             'num_parameters': sum(p.numel() for p in self.model.parameters()),
             'data': {'users': self.num_users, 'items': self.num_items,
                      'train': int(store.edge_index.size(1)),
@@ -610,10 +692,13 @@ def run_single(config: ExperimentConfig, output_dir: str | os.PathLike, *,
                data: Any = None, resume: bool = False, quiet: bool = False,
                max_epochs_this_run: int | None = None,
                callbacks: Sequence[Callback] = (),
-               log: Callable[[str], None] | None = None) -> dict[str, Any]:
+               log: Callable[[str], None] | None = None,
+               distributed: Any = None) -> dict[str, Any]:
     r"""Trains one configuration (no grid): seeds, loads the data (unless
     given), builds the model with ``from_data`` and runs a :class:`Trainer`.
-    Writes ``config.yaml`` (the resolved configuration) beside the results."""
+    Writes ``config.yaml`` (the resolved configuration) beside the results.
+    ``distributed`` (a :class:`~crane_pyg.train.distributed.DistributedContext`)
+    makes it one rank of a data-parallel run (only rank 0 writes files)."""
     train = config.train
     configure_reproducibility(train.seed, train.deterministic, train.num_threads)
     if data is None:
@@ -628,15 +713,18 @@ def run_single(config: ExperimentConfig, output_dir: str | os.PathLike, *,
         raise ConfigError(f'cannot build model {config.model_name!r} on dataset '
                           f'{config.dataset.name!r}: {exc}') from exc
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output_dir / CONFIG_COPY, _config_yaml(config))
+    is_main = distributed is None or distributed.is_main
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output_dir / CONFIG_COPY, _config_yaml(config))
+    extra: dict[str, Any] = {'config_sources': dict(config.sources)}
     experiment = config.to_dict()
     experiment.pop('grid', None)
     trainer = Trainer(model, data, train, output_dir, experiment=experiment,
                       dataset_name=config.dataset.name, model_name=config.model_name,
                       resume=resume, quiet=quiet, max_epochs_this_run=max_epochs_this_run,
-                      callbacks=callbacks, log=log,
-                      extra_results={'config_sources': dict(config.sources)})
+                      callbacks=callbacks, log=log, extra_results=extra,
+                      distributed=distributed)
     return trainer.fit()
 
 
@@ -646,7 +734,8 @@ Runner = Callable[..., dict]
 def run_grid(config: ExperimentConfig, output_dir: str | os.PathLike, *,
              data: Any = None, resume: bool = False, quiet: bool = False,
              runner: Runner = run_single,
-             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+             log: Callable[[str], None] | None = None,
+             distributed: Any = None) -> dict[str, Any]:
     r"""Trains every point of ``config.grid`` (each fully, in
     ``output_dir/grid/<index>``) and selects the point with the best
     **validation** ``stop_metric`` (ties: the first point). The test metrics
@@ -659,7 +748,13 @@ def run_grid(config: ExperimentConfig, output_dir: str | os.PathLike, *,
     With ``resume=True`` finished points are read back, not retrained.
     """
     output_dir = Path(output_dir)
+    is_main = distributed is None or distributed.is_main
     log = log if log is not None else (lambda line: print(line, flush=True))
+    if not is_main:
+        log = lambda line: None  # noqa: E731
+    if distributed is not None:
+        import functools
+        runner = functools.partial(runner, distributed=distributed)
     points = expand_grid(config.grid)
     metric = config.train.stop_metric
     if data is None and not any(key.startswith('dataset.') for key in config.grid):
@@ -687,10 +782,12 @@ def run_grid(config: ExperimentConfig, output_dir: str | os.PathLike, *,
         row['winner'] = i == winner
     summary = {'stop_metric': metric, 'selected_by': f'valid {metric}',
                'winner': winner, 'params': rows[winner]['params'], 'points': rows}
-    atomic_write_json(output_dir / f'{GRID_SUMMARY}.json', summary)
-    atomic_write_text(output_dir / f'{GRID_SUMMARY}.md', _grid_markdown(summary, config.train.ks))
     results = {**all_results[winner], 'grid': summary}
-    atomic_write_json(output_dir / RESULTS, results)
+    if is_main:
+        atomic_write_json(output_dir / f'{GRID_SUMMARY}.json', summary)
+        atomic_write_text(output_dir / f'{GRID_SUMMARY}.md',
+                          _grid_markdown(summary, config.train.ks))
+        atomic_write_json(output_dir / RESULTS, results)
     log(f'grid winner (by valid {metric}): point {winner} '
         f'({", ".join(f"{k}={v}" for k, v in rows[winner]["params"].items())})')
     return results
@@ -723,13 +820,17 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
                    resume: bool = False, quiet: bool = False, data: Any = None,
                    max_epochs_this_run: int | None = None,
                    callbacks: Sequence[Callback] = (),
-                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   log: Callable[[str], None] | None = None,
+                   distributed: Any = None) -> dict[str, Any]:
     r"""Runs ``config``: a grid search when ``config.grid`` is set
-    (:func:`run_grid`), else a single training run (:func:`run_single`)."""
+    (:func:`run_grid`), else a single training run (:func:`run_single`);
+    ``distributed``: one rank of a data-parallel run (see :class:`Trainer`)."""
     if config.grid:
-        return run_grid(config, output_dir, data=data, resume=resume, quiet=quiet, log=log)
+        return run_grid(config, output_dir, data=data, resume=resume, quiet=quiet, log=log,
+                        distributed=distributed)
     return run_single(config, output_dir, data=data, resume=resume, quiet=quiet,
-                      max_epochs_this_run=max_epochs_this_run, callbacks=callbacks, log=log)
+                      max_epochs_this_run=max_epochs_this_run, callbacks=callbacks, log=log,
+                      distributed=distributed)
 
 
 # ---------------------------------------------------------------------------
@@ -779,14 +880,28 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         '(repeatable; the value is parsed as YAML)')
     parser.add_argument('--quiet', action='store_true',
                         help='no progress bars and no per-epoch lines')
+    parser.add_argument('--distributed', action='store_true',
+                        help='data-parallel training, one process per device: launch with '
+                        'torchrun --nproc_per_node=N (gloo on CPU, nccl on CUDA); '
+                        'train.batch_size is the global batch; rank 0 writes the outputs')
     return parser
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     r"""The command line of ``examples/train_amazon.py``; returns the exit code
-    (0 success, 2 bad configuration or missing data, 130 interrupted)."""
+    (0 success, 2 bad configuration or missing data, 130 interrupted).
+    With ``--distributed`` the process group is destroyed on return."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    try:
+        return _main(args, parser.prog, argv)
+    finally:
+        if args.distributed:
+            from .distributed import destroy_distributed
+            destroy_distributed()
+
+
+def _main(args: argparse.Namespace, name: str, argv: Sequence[str] | None) -> int:
     flags: dict[str, Any] = {}
     if args.data_root is not None:
         flags['dataset.root'] = args.data_root
@@ -796,15 +911,21 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         flags['train.seed'] = args.seed
     if args.device is not None:
         flags['train.device'] = args.device
-    name = parser.prog
+    ctx = None
     try:
         config = load_config(model=args.model, dataset=args.dataset, config_file=args.config,
                              overrides=args.overrides, flags=flags)
         output = Path(args.output or Path('runs') / f'{config.dataset.name}-'
                       f'{config.model_name}-seed{config.train.seed}')
-        if not args.quiet:
-            print(f'{config.model_name} on {config.dataset.name} -> {output}', flush=True)
-        results = run_experiment(config, output, resume=args.resume, quiet=args.quiet)
+        if args.distributed:
+            from .distributed import init_distributed
+            ctx = init_distributed(config.train.device)
+        is_main = ctx is None or ctx.is_main
+        if not args.quiet and is_main:
+            world = f' ({ctx.world_size} processes, {ctx.backend})' if ctx is not None else ''
+            print(f'{config.model_name} on {config.dataset.name} -> {output}{world}', flush=True)
+        results = run_experiment(config, output, resume=args.resume,
+                                 quiet=args.quiet or not is_main, distributed=ctx)
     except KeyboardInterrupt:
         print(f'{name}: interrupted before training started', file=sys.stderr)
         return 130
@@ -817,10 +938,14 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             print(f'{name}: error: invalid dataset: {exc}', file=sys.stderr)
             return 2
         raise
+    if ctx is not None and not ctx.is_main:
+        return 0 if results['status'] in ('completed', 'early_stopped') else 130
     if results['status'] not in ('completed', 'early_stopped'):
         words = list(argv if argv is not None else sys.argv[1:])
         program = sys.argv[0] if sys.argv and sys.argv[0].endswith('.py') else 'train_amazon.py'
-        cmd = ' '.join(shlex.quote(w) for w in ['python', program] + words)
+        launcher = (['torchrun', f'--nproc_per_node={ctx.world_size}'] if ctx is not None
+                    else ['python'])
+        cmd = ' '.join(shlex.quote(w) for w in launcher + [program] + words)
         if '--resume' not in cmd:
             cmd += ' --resume'
         if '--output' not in cmd:

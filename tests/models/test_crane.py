@@ -137,8 +137,10 @@ def test_users_without_items_get_zero_profiles(knn_data):
 
 
 @pytest.mark.parametrize('mode', ['profile', 'items', 'both'])
-def test_semantic_view(knn_data, mode):
-    model = _model(knn_data, user_semantic=mode, num_ii_layers=2).eval()
+@pytest.mark.parametrize('scale', [None, 0.5])
+def test_semantic_view(knn_data, mode, scale):
+    model = _model(knn_data, user_semantic=mode, num_ii_layers=2,
+                   semantic_scale=scale).eval()
     mean, _ = _mean_matrix(knn_data)
     s = _dense(model.item_adj_index, model.item_adj_weight, model.num_items)
     with torch.no_grad():
@@ -155,6 +157,10 @@ def test_semantic_view(knn_data, mode):
         ref_user = mean @ ref_item
     else:
         ref_user = z_user if mode == 'profile' else 0.5 * (z_user + mean @ ref_item)
+    if scale is not None:  # rows L2-normalised, then scaled
+        ref_item = scale * ref_item / ref_item.norm(dim=-1, keepdim=True)
+        ref_user = scale * ref_user / ref_user.norm(dim=-1, keepdim=True)
+        assert torch.allclose(h_item.norm(dim=-1), torch.full_like(h_item[:, 0], scale))
     torch.testing.assert_close(h_item.double(), ref_item, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h_user.double(), ref_user, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h_user_sub, h_user[users], atol=1e-6, rtol=1e-5)
@@ -272,7 +278,8 @@ def test_precomputed_profiles_change_nothing(knn_data):
 
 
 def test_use_profiles_false_learns_user_semantic_ids(knn_data):
-    model = _model(knn_data, use_profiles=False, user_semantic='profile').eval()
+    model = _model(knn_data, use_profiles=False, user_semantic='profile',
+                   semantic_scale=None).eval()
     assert model.user_semantic_embedding is not None
     assert not hasattr(model, 'profile_mass')
     with torch.no_grad():
@@ -283,7 +290,8 @@ def test_use_profiles_false_learns_user_semantic_ids(knn_data):
 
 
 def test_use_item_graph_false(synthetic_data):
-    model = _model(synthetic_data, use_item_graph=False).eval()  # no kNN graph built
+    model = _model(synthetic_data, use_item_graph=False,
+                   semantic_scale=None).eval()  # no kNN graph built
     assert model.item_conv is None and not hasattr(model, 'item_adj_index')
     with torch.no_grad():
         _, h_item = model.semantic()

@@ -26,10 +26,11 @@ def test_crane_beats_popularity_and_untrained(tmp_path_factory):
                             minlength=data[ITEM].num_nodes).float()
     popularity = evaluator.evaluate(lambda u: degree.expand(u.numel(), -1))['recall@20']
 
-    # lambda_cl=0.01 instead of the default 0.1: on this dataset item
-    # popularity (absent from the content) drives the interactions, and a
-    # strong pull of the ID view towards the content view costs recall.
-    model = CRANE.from_data(data, lambda_cl=0.01)
+    # The defaults (lambda_cl=0.01): on this dataset item popularity (absent
+    # from the content) drives the interactions, and a strong pull of the ID
+    # view towards the content view (lambda_cl=0.1) costs recall.
+    model = CRANE.from_data(data)
+    assert model.lambda_cl == 0.01
     untrained = _recall(model, evaluator)
     sampler = BPRSampler.from_data(data, seed=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)

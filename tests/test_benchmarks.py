@@ -1,0 +1,138 @@
+"""Smoke tests of benchmarks/: every script runs at tiny sizes in this process
+and writes JSON of the documented schema; plus exact checks of the helpers
+(slope fit, summary statistics, the synthetic graph). No timing assertions."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import attention_memory, backends, common, electronics_scale, scalability  # noqa: E402
+
+
+def _is_timing(entry) -> bool:
+    return (set(entry) >= {'median', 'min', 'max', 'spread', 'repeats', 'samples'}
+            and entry['repeats'] >= 3 and entry['min'] <= entry['median'] <= entry['max'])
+
+
+def test_loglog_slope_exact():
+    x = [1, 2, 4, 8, 16]
+    assert common.loglog_slope(x, [3 * v ** 2 for v in x]) == pytest.approx(2.0)
+    # only the largest `last` points count: a kink at the small end is ignored
+    y = [100, 100, 4, 8, 16]
+    assert common.loglog_slope(x, y, last=3) == pytest.approx(1.0)
+    assert common.loglog_slope([1], [1]) is None
+
+
+def test_summarize_and_power_law_graph():
+    s = common.summarize([1.0, 3.0, 2.0])
+    assert (s['median'], s['min'], s['max'], s['spread']) == (2.0, 1.0, 3.0, 1.0)
+    g = common.power_law_graph(50, 30, 400, seed=1)
+    assert g.shape == (2, 400)  # duplicates are topped up
+    key = g[0] * 30 + g[1]
+    assert np.all(np.diff(key) > 0)  # unique and sorted by (user, item)
+    assert g[0].min() >= 0 and g[0].max() < 50 and g[1].max() < 30
+    assert np.unique(g[0]).size == 50  # every user has an interaction
+    np.testing.assert_array_equal(g, common.power_law_graph(50, 30, 400, seed=1))
+
+
+def test_random_item_graph_is_normalised():
+    index, weight = common.random_item_graph(40, 5, seed=0)
+    dense = torch.zeros(40, 40).index_put_((index[0], index[1]), weight, accumulate=True)
+    binary = torch.zeros(40, 40).index_put_((index[0], index[1]), torch.ones_like(weight))
+    deg = binary.sum(1)
+    assert torch.allclose(dense, binary / deg.sqrt().unsqueeze(1) / deg.sqrt().unsqueeze(0))
+    assert torch.all(binary.diagonal() == 1)
+
+
+def test_write_json_atomic(tmp_path):
+    path = tmp_path / 'a' / 'b.json'
+    common.write_json({'x': [1, 2]}, path)
+    assert json.loads(path.read_text()) == {'x': [1, 2]}
+    assert [p.name for p in path.parent.iterdir()] == ['b.json']
+
+
+def test_scalability_quick(tmp_path):
+    out = tmp_path / 's.json'
+    scalability.main(['--quick', '--in-process', '--device', 'cpu', '--axes', 'd',
+                      '--output', str(out)])
+    res = json.loads(out.read_text())
+    assert res['benchmark'] == 'scalability' and 'loadavg' in res['environment']
+    entry = res['axes']['d']
+    assert entry['predicted']['slope'] == 2.0 and entry['predicted']['parts'] == ['rca']
+    assert len(entry['points']) == 2
+    for p in entry['points']:
+        assert p['status'] == 'ok'
+        assert set(p['step']) == set(scalability.PARTS) | {'step'}
+        assert all(_is_timing(t) for t in p['step'].values())
+        assert _is_timing(p['evaluation'])
+        assert p['memory']['peak_rss_mb'] > 0
+        # the hooked parts really ran
+        assert p['step']['rca']['median'] > 0 and p['step']['ui_prop']['median'] > 0
+    assert set(entry['fitted_slopes']) >= set(scalability.PARTS) | {'evaluation'}
+    assert out.with_suffix('.png').stat().st_size > 0
+
+
+def test_backends_quick(tmp_path):
+    from crane_pyg.nn import available_backends
+    out = tmp_path / 'b.json'
+    backends.main(['--quick', '--in-process', '--device', 'cpu', '--output', str(out)])
+    res = json.loads(out.read_text())
+    assert set(res['backends']) == set(available_backends())
+    for points in res['backends'].values():
+        assert [p['status'] for p in points] == ['ok', 'ok']
+        assert all(_is_timing(p['time']) for p in points)
+    assert set(res['fastest']) == {'2000', '8000'}
+    for f in res['fastest'].values():
+        assert f['backend'] in res['backends']
+        assert f['ratio_to_best'][f['backend']] == 1.0
+        assert min(f['ratio_to_best'].values()) == 1.0
+    assert out.with_suffix('.png').stat().st_size > 0
+
+
+def test_attention_memory_quick(tmp_path):
+    out = tmp_path / 'a.json'
+    attention_memory.main(['--quick', '--in-process', '--device', 'cpu', '--output', str(out)])
+    res = json.loads(out.read_text())
+    assert set(res['points']) == {'rca', 'all_items'}
+    for kind in ('rca', 'all_items'):
+        assert [p['N'] for p in res['points'][kind]] == [200, 400]
+        assert all(p['status'] == 'ok' and p['memory_mb'] > 0 for p in res['points'][kind])
+    assert res['predicted_slopes'] == {'rca': 1.0, 'all_items': 2.0}
+    assert out.with_suffix('.png').stat().st_size > 0
+
+
+def test_attention_memory_skips_over_cap(tmp_path):
+    out = tmp_path / 'a.json'
+    attention_memory.main(['--quick', '--in-process', '--device', 'cpu', '--output', str(out),
+                           '--cap-gb', '1e-9'])
+    res = json.loads(out.read_text())
+    assert [p['status'] for p in res['points']['all_items']] == ['skipped', 'skipped']
+    assert res['fitted_slopes']['all_items'] is None
+
+
+def test_electronics_quick(tmp_path):
+    out = tmp_path / 'e.json'
+    res = electronics_scale.main(['--quick', '--device', 'cpu', '--max-batches', '1',
+                                  '--knn-sample-items', '100', '--max-eval-users', '200',
+                                  '--output', str(out)])
+    saved = json.loads(out.read_text())
+    assert saved['stages'].keys() == {'build_data', 'knn_build', 'build_model',
+                                      'train_epoch', 'evaluation'}
+    train = saved['stages']['train_epoch']
+    # 6000 pairs -> ~4.4k training triples -> 3 batches of 2048; 1 measured
+    assert train['extrapolated'] is True and train['measured_batches'] == 1
+    assert train['time_s'] == pytest.approx(train['measured_time_s'] * train['num_batches'])
+    knn = saved['stages']['knn_build']
+    assert knn['extrapolated'] is True
+    assert knn['time_s'] == pytest.approx(knn['measured_time_s'] * (300 / 100) ** 2)
+    assert saved['stages']['evaluation']['extrapolated'] is True
+    assert math.isfinite(saved['stages']['evaluation']['recall_at_20'])
+    assert saved['within_24_gb'] is True and res['peak_memory']['peak_rss_mb'] > 0
