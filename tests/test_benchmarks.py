@@ -14,7 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import attention_memory, backends, common, electronics_scale, scalability  # noqa: E402
+from benchmarks import (attention_memory, backends, common, electronics_scale,  # noqa: E402
+                        memory_linear, scalability)
 
 
 def _is_timing(entry) -> bool:
@@ -136,3 +137,16 @@ def test_electronics_quick(tmp_path):
     assert saved['stages']['evaluation']['extrapolated'] is True
     assert math.isfinite(saved['stages']['evaluation']['recall_at_20'])
     assert saved['within_24_gb'] is True and res['peak_memory']['peak_rss_mb'] > 0
+
+
+def test_memory_linear_small(tmp_path):
+    # two tiny sizes in fresh subprocesses: the JSON records finite gradients,
+    # the requested sizes and a fitted slope (no timing or memory assertion)
+    out = tmp_path / 'm.json'
+    assert memory_linear.main(['--sizes', '300', '600', '--output', str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert [p['N'] for p in saved['points']] == [300, 600]
+    assert all(p['status'] == 'ok' and p['finite_gradients'] for p in saved['points'])
+    assert all(p['E_train'] > 0 and p['peak_rss_mb'] > 0 for p in saved['points'])
+    assert saved['predicted_slope'] == 1.0
+    assert isinstance(saved['slope_memory_above_baseline_vs_N'], float)
