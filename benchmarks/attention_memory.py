@@ -22,7 +22,6 @@ their fitted slopes (over the largest 3 points).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import Any, Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    add_common_args, baseline_rss_mb, environment, loglog_slope, measure_point,
+    make_parser, save_figure, baseline_rss_mb, environment, loglog_slope, measure_point,
     peak_memory_mb, reset_peak, resolve_device, synchronize, write_json,
 )
 
@@ -86,15 +85,11 @@ def plot(result: Dict[str, Any], path: Path) -> None:
     ax.set_title(f"forward + backward, d={result['config']['d']}, "
                  f"{result['environment']['device']}", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> Dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, 'attention_memory.json')
+    parser = make_parser(__doc__, 'attention_memory.json')
     parser.add_argument('--rca-sizes', type=float, nargs='+',
                         default=[1e3, 4e3, 1.6e4, 6.4e4, 2.56e5, 1e6])
     parser.add_argument('--all-items-sizes', type=float, nargs='+',

@@ -15,7 +15,6 @@ subprocess (peak ``ru_maxrss``; CUDA: ``max_memory_allocated``) unless
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any, Dict
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    add_common_args, baseline_rss_mb, environment, loglog_slope, measure_point,
+    make_parser, save_figure, baseline_rss_mb, environment, loglog_slope, measure_point,
     peak_memory_mb, power_law_graph, reset_peak, resolve_device, time_fn, write_json,
 )
 
@@ -83,15 +82,11 @@ def plot(result: Dict[str, Any], path: Path) -> None:
     fig.suptitle(f"UserItemConv backends, d={result['config']['d']}, "
                  f"{result['environment']['device']} (loadavg "
                  f"{result['environment']['loadavg'][0]:.1f})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> Dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, 'backends.json')
+    parser = make_parser(__doc__, 'backends.json')
     parser.add_argument('--edges', type=float, nargs='+', default=[5e4, 2e5, 8e5],
                         help='interaction counts E')
     parser.add_argument('--dim', type=int, default=64)

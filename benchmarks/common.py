@@ -233,6 +233,24 @@ def loglog_slope(x: Sequence[float], y: Sequence[float],
     return float(np.polyfit(lx, ly, 1)[0])
 
 
+def save_figure(fig, path) -> None:
+    """Lays out, writes (PNG, 110 dpi) and closes a matplotlib figure."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def make_parser(doc: str, default_output: str):
+    """An argument parser described by the first paragraph of :obj:`doc`,
+    with the options every benchmark shares (:func:`add_common_args`)."""
+    import argparse
+    parser = argparse.ArgumentParser(description=doc.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, default_output)
+    return parser
+
+
 def add_common_args(parser, default_output: str) -> None:
     parser.add_argument('--device', choices=('cpu', 'cuda', 'auto'), default='auto')
     parser.add_argument('--output', default=str(RESULTS_DIR / default_output),

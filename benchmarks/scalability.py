@@ -39,7 +39,6 @@ predicts for the parts it governs.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -49,7 +48,7 @@ from typing import Any, Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    add_common_args, baseline_rss_mb, environment, loglog_slope, make_heterodata,
+    make_parser, save_figure, baseline_rss_mb, environment, loglog_slope, make_heterodata,
     measure_point, peak_memory_mb, random_item_graph, reset_peak, resolve_device,
     summarize, synchronize, write_json,
 )
@@ -245,15 +244,11 @@ def plot(result: Dict[str, Any], path: Path) -> None:
         ax.axis('off')
     fig.suptitle(f"CRANE step parts vs. axis (loadavg {result['environment']['loadavg'][0]:.1f})",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> Dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, 'scalability.json')
+    parser = make_parser(__doc__, 'scalability.json')
     parser.add_argument('--axes', nargs='+', default=list(GRID), choices=list(GRID))
     parser.add_argument('--quick', action='store_true', help='tiny sizes (smoke test)')
     parser.add_argument('--scale', type=float, default=1.0,
