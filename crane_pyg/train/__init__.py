@@ -8,7 +8,8 @@ from .config import (CONFIG_DIR, ConfigError, DataConfig, ExperimentConfig, Trai
                      expand_grid, load_config)
 from .distributed import (DistributedContext, destroy_distributed, evaluate_sharded,
                           init_distributed)
-from .minibatch import MiniBatchLightGCN, UserItemSubgraphSampler
+from .minibatch import (MiniBatchCRANE, MiniBatchLightGCN, UserItemSubgraphSampler,
+                        minibatch_loss_module)
 from .trainer import (DatasetNotFoundError, Trainer, build_parser, format_metrics_table,
                       load_dataset, main, plot_curves, run_experiment, run_grid, run_single)
 
@@ -40,5 +41,7 @@ __all__ = [
     'destroy_distributed',
     'evaluate_sharded',
     'MiniBatchLightGCN',
+    'MiniBatchCRANE',
+    'minibatch_loss_module',
     'UserItemSubgraphSampler',
 ]

@@ -159,10 +159,15 @@ class TrainConfig:
         grad_clip (float, optional): clip the gradient norm to this value;
             ``None`` disables clipping. (default: ``None``)
         num_neighbors (list of int, optional): mini-batch mode
-            (:mod:`crane_pyg.train.minibatch`, LightGCN only): each step
-            propagates over the batch's sampled L-hop subgraph with this fan-out
-            per hop (``-1``: all neighbours, exact); one entry per layer.
-            ``None``: full-batch propagation. (default: ``None``)
+            (:mod:`crane_pyg.train.minibatch`, CRANE and LightGCN; other
+            models raise :class:`TypeError`): each step propagates over the
+            batch's sampled user-item L-hop subgraph with this fan-out per hop
+            (``-1``: all neighbours, exact), one entry per user-item layer
+            (LightGCN ``num_layers``, CRANE ``num_ui_layers``); CRANE also
+            computes its semantic view on the batch's items and their
+            item-item neighbourhood only, with the item mean of a user over
+            at most ``num_neighbors[0]`` of its items. Evaluation stays
+            full-batch. ``None``: full-batch training. (default: ``None``)
     """
     lr: float = 1e-3
     weight_decay: float = 0.0

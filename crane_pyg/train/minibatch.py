@@ -30,32 +30,94 @@ full-batch one (tested against :meth:`LightGCN.embeddings
 finite fan-out it is a stochastic estimate, and the cost of a step is
 bounded by :math:`B \prod_h k_h` nodes instead of :math:`U + I`.
 
+**CRANE** (:class:`MiniBatchCRANE`) adds the semantic view, computed on the
+items a step needs only (notation of :class:`~crane_pyg.models.CRANE`):
+
+* the behavioural view :math:`\mathbf{e}^{cf}` is the above on the graph the
+  full model trains on (the epoch's pruned graph ``model.train_edge_index``
+  when ``edge_dropout > 0``, re-read whenever it changes), combined over
+  layers with the model's own weights :math:`\alpha_l`;
+* the semantic seeds are :math:`S_0 = \mathcal{I}^+_b \cup \mathcal{I}^-_b`
+  (the batch's positive and negative items), plus, when ``user_semantic``
+  uses the item mean (``'items'``/``'both'``), the items
+  :math:`\tilde{\mathcal{N}}(u)` of each batch user: all of
+  :math:`\mathcal{N}(u)`, or a uniform sample without replacement of
+  :math:`\min(|\mathcal{N}(u)|, k_{mean})` of them, :math:`k_{mean}` =
+  ``item_mean_fanout`` (default: the first user-item fan-out
+  ``num_neighbors[0]``). The mean over a uniform subset is an unbiased
+  estimate of the mean over :math:`\mathcal{N}(u)`, so the sampled mean
+  uses the weight :math:`1/|\tilde{\mathcal{N}}(u)|` (the full graph's
+  :math:`1/|\mathcal{N}(u)|` rescaled by full over sampled degree, as
+  above);
+* :math:`S_0` is expanded by :math:`L_{ii}` hops of in-neighbours in the
+  item-item graph :math:`\hat{\mathbf{S}}` (all of them: :math:`\le k` per
+  modality, no sampling), :math:`S_{l+1} = S_l \cup \{j : \hat{S}_{ij} \neq
+  0, i \in S_l\}`;
+* only the rows of :math:`S_{L_{ii}}` are encoded (the feature buffers are
+  indexed before the linear encoders) and go through RCA, together with the
+  batch users' profiles :math:`\mathbf{p}_m(u)`;
+* :math:`L_{ii}` item-item layers run on the edges of :math:`\hat{\mathbf{S}}`
+  whose receiver lies in :math:`S_{L_{ii}-1}` (all its in-edges); after layer
+  :math:`l` the rows of :math:`S_{L_{ii}-l}` are exact, so
+  :math:`\mathbf{h}_{S_0} = (\hat{\mathbf{S}}^{L_{ii}} \mathbf{Z}_I)_{S_0}`
+  exactly;
+* :math:`\mathbf{h}_u` (profile, item mean, or their average),
+  ``semantic_scale``, fusion, BPR, :math:`\lambda_{cl}` InfoNCE (batch unique
+  users and unique positive items, at most ``cl_max_nodes`` of each, drawn
+  with the same generator calls) and :math:`\lambda_{reg}` L2 are those of
+  :meth:`CRANE.loss <crane_pyg.models.CRANE.loss>`.
+
+With fan-out ``-1`` everywhere the loss and every parameter gradient equal
+:meth:`CRANE.loss <crane_pyg.models.CRANE.loss>` on the same batch (tested
+for every ``user_semantic``, with and without edge dropout, after an item
+graph rebuild); with a finite fan-out it is a stochastic estimate (the
+behavioural view and the item mean are unbiased before the non-linear
+``semantic_scale`` normalisation and the loss).
+
+**Cost per step** (:class:`MiniBatchCRANE`): encoders and RCA on
+:math:`|S_{L_{ii}}| \le |S_0| (1 + \bar{k})^{L_{ii}}` items instead of all
+:math:`I` (:math:`\bar{k}` the in-degree of the item graph, about :math:`k`
+per modality), :math:`|S_0| \le 2B + U_b k_{mean}`;
+:math:`O(|S_{L_{ii}}| (\sum_m d_m d + R M d^2) + U_b (\sum_m d_m d + R M
+d^2))` for the content side and :math:`O(\lvert\mathcal{E}_{sub}\rvert d
+L_{ui})` for the behavioural subgraph, against :math:`O(I \sum_m d_m d + R
+(I + U_b) M d^2 + L_{ui} E d)` for :meth:`CRANE.loss`. With small batches or
+a finite fan-out this touches a small fraction of the items; with a batch
+of 2048 triples, fan-out ``-1`` and a dense graph :math:`S_{L_{ii}}` can be
+all :math:`I` items and a step costs more than full-batch (the sampling
+comes on top).
+
 When to choose it: when a full-batch step runs out of device memory (large
-:math:`U + I`, large :math:`d` or many layers) and data-parallel training
-alone does not help (every DDP rank still holds the full propagation).
+:math:`U + I`, large :math:`d` or many layers, high-dimensional features
+times many items) and data-parallel training alone does not help (every
+DDP rank still holds the full propagation).
 Otherwise full-batch is faster (one propagation serves the whole batch, no
 sampling) and exact. Evaluation stays full-ranking on the full graph
 (:meth:`embeddings` under :func:`torch.no_grad`, no activations kept), which
 fits whenever the embedding tables do.
 
-Scope: :class:`MiniBatchLightGCN` supports :class:`~crane_pyg.models.LightGCN`.
-CRANE is not supported yet (its item-item kNN branch and user profiles need
-the ``('item', 'similar', 'item')`` edges and the profile inputs in the
-sampled subgraph).
+Scope: :class:`MiniBatchLightGCN` supports :class:`~crane_pyg.models.LightGCN`
+and :class:`MiniBatchCRANE` supports :class:`~crane_pyg.models.CRANE` (every
+option; with ``rca_dropout > 0`` the dropout masks differ from a full-batch
+step's, as between any two steps). :func:`minibatch_loss_module` picks the
+one for a model (what ``train.num_neighbors`` does) and raises
+:class:`TypeError` for the other models (VBPR, FREEDOM).
 
 Neighbour sampling needs ``pyg-lib`` or ``torch-sparse``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.data import Data
 from torch_geometric.nn import LGConv
 
-__all__ = ['UserItemSubgraphSampler', 'Subgraph', 'MiniBatchLightGCN']
+__all__ = ['UserItemSubgraphSampler', 'Subgraph', 'MiniBatchLightGCN', 'MiniBatchCRANE',
+           'minibatch_loss_module']
 
 
 @dataclass
@@ -138,6 +200,19 @@ class UserItemSubgraphSampler:
         return Subgraph(out.node, edge_index, weight * scale[out.col], seeds.numel())
 
 
+def _ego_features(node: Tensor, num_users: int, user_embedding: nn.Embedding,
+                  item_embedding: nn.Embedding) -> Tensor:
+    r"""Layer-0 features ``[N, d]`` of homogeneous node ids ``node`` (users
+    :math:`u`, items :math:`U + i`), on the embeddings' device."""
+    weight = user_embedding.weight
+    node = node.to(weight.device)
+    is_user = node < num_users
+    x = torch.zeros(node.numel(), weight.size(1), device=weight.device, dtype=weight.dtype)
+    x = x.index_put((is_user.nonzero().view(-1),), user_embedding(node[is_user]))
+    return x.index_put(((~is_user).nonzero().view(-1),),
+                       item_embedding(node[~is_user] - num_users))
+
+
 class MiniBatchLightGCN(nn.Module):
     r"""Computes :class:`~crane_pyg.models.LightGCN`'s training loss on sampled
     subgraphs; calling it, ``module(users, pos_items, neg_items)``, returns
@@ -156,8 +231,8 @@ class MiniBatchLightGCN(nn.Module):
         from crane_pyg.models import LightGCN
         if not isinstance(model, LightGCN):
             raise TypeError(f'MiniBatchLightGCN supports LightGCN only, got '
-                            f'{type(model).__name__} (CRANE mini-batch training is not '
-                            f'implemented)')
+                            f'{type(model).__name__} (use MiniBatchCRANE for CRANE, or '
+                            f'minibatch_loss_module to pick)')
         if num_neighbors is None:
             num_neighbors = [-1] * model.num_layers
         if len(num_neighbors) != model.num_layers:
@@ -173,14 +248,9 @@ class MiniBatchLightGCN(nn.Module):
         homogeneous node ids ``seeds``, computed on their sampled subgraph."""
         model = self.model
         sub = self.sampler.sample(seeds)
-        device = model.user_embedding.weight.device
-        node = sub.node.to(device)
-        is_user = node < model.num_users
-        x = torch.zeros(node.numel(), model.embedding_dim, device=device,
-                        dtype=model.user_embedding.weight.dtype)
-        x = x.index_put((is_user.nonzero().view(-1),), model.user_embedding(node[is_user]))
-        x = x.index_put(((~is_user).nonzero().view(-1),),
-                        model.item_embedding(node[~is_user] - model.num_users))
+        x = _ego_features(sub.node, model.num_users, model.user_embedding,
+                          model.item_embedding)
+        device = x.device
         edge_index = sub.edge_index.to(device)
         edge_weight = sub.edge_weight.to(device, x.dtype)
         out = x
@@ -209,3 +279,352 @@ class MiniBatchLightGCN(nn.Module):
 
     def extra_repr(self) -> str:
         return f'num_neighbors={self.sampler.num_neighbors}'
+
+
+def _check_fanout(value: int, name: str) -> int:
+    value = int(value)
+    if value == 0 or value < -1:
+        raise ValueError(f"'{name}' must be positive or -1 (all), got {value}")
+    return value
+
+
+def _csr(row: Tensor, num_rows: int) -> Tuple[Tensor, Tensor]:
+    r"""``(rowptr [num_rows + 1], perm)``: ``perm`` sorts the entries by
+    ``row`` (stable), ``rowptr`` delimits each row's entries in that order."""
+    perm = torch.argsort(row, stable=True)
+    count = torch.bincount(row, minlength=num_rows)
+    rowptr = torch.zeros(num_rows + 1, dtype=torch.long, device=row.device)
+    rowptr[1:] = torch.cumsum(count, 0)
+    return rowptr, perm
+
+
+def _csr_gather(rowptr: Tensor, rows: Tensor) -> Tuple[Tensor, Tensor]:
+    r"""The entries of ``rows`` in a CSR matrix: ``(segment, position)``,
+    ``segment[e]`` the index in ``rows`` of entry ``e``, ``position[e]`` its
+    position in the CSR order."""
+    start = rowptr.index_select(0, rows)
+    count = rowptr.index_select(0, rows + 1) - start
+    seg = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), count)
+    first = torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+    offset = torch.arange(seg.numel(), device=rows.device) - first
+    return seg, start.index_select(0, seg) + offset
+
+
+def _sample_per_segment(seg: Tensor, num_segments: int, k: int) -> Tensor:
+    r"""Positions (into ``seg``) of at most ``k`` entries per segment, drawn
+    uniformly without replacement (all entries when ``k == -1``); ``seg``
+    must be sorted."""
+    if k < 0:
+        return torch.arange(seg.numel(), device=seg.device)
+    perm = torch.argsort(torch.rand(seg.numel(), device=seg.device))
+    perm = perm[torch.argsort(seg.index_select(0, perm), stable=True)]  # by segment, random within
+    count = torch.bincount(seg, minlength=num_segments)
+    first = torch.cumsum(count, 0) - count
+    rank = torch.arange(seg.numel(), device=seg.device) - first.index_select(0, seg)
+    return torch.sort(perm[rank < k]).values
+
+
+def _local_ids(nodes: Tensor, query: Tensor) -> Tensor:
+    r"""Positions in ``nodes`` (unique global ids, any order) of the global
+    ids ``query`` (each must occur in ``nodes``)."""
+    order = torch.argsort(nodes)
+    return order.index_select(0, torch.searchsorted(nodes.index_select(0, order), query))
+
+
+class MiniBatchCRANE(nn.Module):
+    r"""Computes :class:`~crane_pyg.models.CRANE`'s training loss on sampled
+    subgraphs (see :mod:`crane_pyg.train.minibatch` for the math and the
+    cost): the behavioural view on the batch's sampled user-item subgraph,
+    the semantic view on the batch's items and their :math:`L_{ii}`-hop
+    item-item neighbourhood only. Calling it, ``module(users, pos_items,
+    neg_items)``, returns ``(loss, parts)`` like :meth:`CRANE.loss
+    <crane_pyg.models.CRANE.loss>`, so the trainer (or DDP) can use it in
+    place of the model. The parameters are the model's own; evaluation stays
+    full-batch (:meth:`CRANE.embeddings <crane_pyg.models.CRANE.embeddings>`).
+
+    The user-item sampler follows the graph the model trains on: the full
+    graph in eval mode or without edge dropout, the epoch's pruned graph
+    ``model.train_edge_index`` in training mode with ``edge_dropout > 0``;
+    it is rebuilt whenever that tensor changes (after
+    :meth:`CRANE.on_epoch_start <crane_pyg.models.CRANE.on_epoch_start>`
+    prunes a new epoch's graph), and the item-item index whenever the model's
+    item graph changes (a rebuild, a checkpoint load or a device move).
+
+    Args:
+        model (CRANE): the model (its ``num_ui_layers`` must equal
+            ``len(num_neighbors)``).
+        num_neighbors (sequence of int, optional): user-item fan-out per hop,
+            ``-1`` for all neighbours (default: all on every hop, exact).
+        item_mean_fanout (int, optional): :math:`k_{mean}`, the items sampled
+            per batch user for the item mean of the user semantic view
+            (``user_semantic`` ``'items'``/``'both'``), ``-1`` for all
+            (default: ``num_neighbors[0]``, or ``-1`` when
+            ``num_ui_layers == 0``). The item-item graph is never sampled.
+
+    Attributes:
+        last_stats (dict): sizes of the last step: ``'users'`` (:math:`U_b`),
+            ``'ui_nodes'`` (nodes of the user-item subgraph), ``'items_seed'``
+            (:math:`|S_0|`), ``'items_encoded'`` (items through the encoders
+            and RCA), ``'item_edges'`` (item-item edges propagated).
+    """
+
+    def __init__(self, model: nn.Module, num_neighbors: Sequence[int] | None = None,
+                 item_mean_fanout: int | None = None) -> None:
+        super().__init__()
+        from crane_pyg.models import CRANE
+        from crane_pyg.nn import ItemItemConv
+        if not isinstance(model, CRANE):
+            raise TypeError(f'MiniBatchCRANE supports CRANE only, got '
+                            f'{type(model).__name__} (use MiniBatchLightGCN for LightGCN, '
+                            f'or minibatch_loss_module to pick)')
+        if num_neighbors is None:
+            num_neighbors = [-1] * model.num_ui_layers
+        num_neighbors = [_check_fanout(k, 'num_neighbors') for k in num_neighbors]
+        if len(num_neighbors) != model.num_ui_layers:
+            raise ValueError(f"'num_neighbors' has {len(num_neighbors)} hops but the model "
+                             f'has num_ui_layers={model.num_ui_layers}')
+        if item_mean_fanout is None:
+            item_mean_fanout = num_neighbors[0] if num_neighbors else -1
+        self.model = model
+        self.num_neighbors = num_neighbors
+        self.item_mean_fanout = _check_fanout(item_mean_fanout, 'item_mean_fanout')
+        self.conv = LGConv(normalize=False)
+        self.item_conv = (ItemItemConv(cached=False, backend=model.item_conv.backend)
+                          if model._propagate_items else None)
+        # caches keyed on the graph tensors they were built from
+        self._samplers: Dict[str, Tuple[Tensor, UserItemSubgraphSampler]] = {}
+        self._item_graph: Tuple[Any, ...] | None = None
+        self._user_items: Tuple[Any, ...] | None = None
+        self.last_stats: Dict[str, int] = {}
+        _ = self.sampler  # builds (and validates) the sampler of the current graph
+
+    # ------------------------------------------------------------------
+    # graph indices (rebuilt when the model's graph tensors change)
+    # ------------------------------------------------------------------
+    @property
+    def sampler(self) -> UserItemSubgraphSampler:
+        r"""The user-item sampler of the graph the model currently trains on."""
+        model = self.model
+        pruned = model.training and model.ui_train_encoder is not None
+        key = 'train' if pruned else 'full'
+        graph = model.train_edge_index if pruned else model.edge_index
+        cached = self._samplers.get(key)
+        if cached is None or cached[0] is not graph:
+            cached = (graph, UserItemSubgraphSampler(graph, model.num_users, model.num_items,
+                                                     self.num_neighbors))
+            self._samplers[key] = cached
+        return cached[1]
+
+    def _item_csr(self) -> Tuple[Tensor, Tensor, Tensor]:
+        r"""``(rowptr [I + 1], source [nnz], weight [nnz])`` of the model's
+        item-item graph, rows = receiving items."""
+        model = self.model
+        index, weight = model.item_adj_index, model.item_adj_weight
+        key = (index, index._version, weight, weight._version)
+        if self._item_graph is None or not _same_key(self._item_graph[0], key):
+            rowptr, perm = _csr(index[0], model.num_items)
+            self._item_graph = (key, rowptr, index[1].index_select(0, perm),
+                                weight.index_select(0, perm))
+        return self._item_graph[1:]
+
+    def _user_item_csr(self) -> Tuple[Tensor, Tensor, Tensor]:
+        r"""``(rowptr [U + 1], item [E], item_degree [I])`` of the model's
+        full training graph (the one of the item mean and the profiles)."""
+        model = self.model
+        edge_index = model.edge_index
+        key = (edge_index, edge_index._version)
+        if self._user_items is None or not _same_key(self._user_items[0], key):
+            rowptr, perm = _csr(edge_index[0], model.num_users)
+            deg_item = torch.bincount(edge_index[1], minlength=model.num_items)
+            self._user_items = (key, rowptr, edge_index[1].index_select(0, perm), deg_item)
+        return self._user_items[1:]
+
+    def _user_items_of(self, batch_users: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+        r"""``(segment, item)`` of the training edges of ``batch_users``, at most
+        ``k`` per user uniformly without replacement (``-1``: all)."""
+        rowptr, item, _ = self._user_item_csr()
+        seg, pos = _csr_gather(rowptr, batch_users)
+        keep = _sample_per_segment(seg, batch_users.numel(), k)
+        return seg.index_select(0, keep), item.index_select(0, pos.index_select(0, keep))
+
+    # ------------------------------------------------------------------
+    # the two views on the batch
+    # ------------------------------------------------------------------
+    def behavioural(self, seeds: Tensor) -> Tensor:
+        r""":math:`\mathbf{e}^{cf}` ``[len(seeds), d]`` of the unique homogeneous
+        node ids ``seeds`` (users :math:`u`, items :math:`U + i`), on their
+        sampled subgraph of the graph the model trains on."""
+        model = self.model
+        pruned = model.training and model.ui_train_encoder is not None
+        alpha = (model.ui_train_encoder if pruned else model.ui_encoder).alpha
+        sub = self.sampler.sample(seeds)
+        x = _ego_features(sub.node, model.num_users, model.user_embedding,
+                          model.item_embedding)
+        edge_index = sub.edge_index.to(x.device)
+        edge_weight = sub.edge_weight.to(x.device, x.dtype)
+        alpha = alpha.to(x.dtype)
+        out = alpha[0] * x
+        for layer in range(1, model.num_ui_layers + 1):
+            x = self.conv(x, edge_index, edge_weight)
+            out = out + alpha[layer] * x
+        self.last_stats['ui_nodes'] = int(sub.node.numel())
+        return out[:sub.num_seeds]
+
+    def item_closure(self, seeds: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        r"""The items whose content the semantic view of ``seeds`` (unique item
+        ids) needs: ``(nodes, edge_index, edge_weight)`` with ``nodes`` the
+        global ids of :math:`S_{L_{ii}}` (``seeds`` first, in their order),
+        and the item-item edges of the receivers in :math:`S_{L_{ii} - 1}` in
+        local ids, matrix orientation (``edge_index[0]`` receives from
+        ``edge_index[1]``, as :class:`~crane_pyg.nn.ItemItemConv`)."""
+        device = seeds.device
+        if self.item_conv is None:
+            empty = torch.empty(2, 0, dtype=torch.long, device=device)
+            return seeds, empty, torch.empty(0, device=device)
+        rowptr, source, weight = self._item_csr()
+        nodes, frontier, receivers, positions = seeds, seeds, [], []
+        for _ in range(self.model.num_ii_layers):
+            seg, pos = _csr_gather(rowptr, frontier)
+            receivers.append(frontier.index_select(0, seg))
+            positions.append(pos)
+            new = torch.unique(source.index_select(0, pos))
+            new = new[~torch.isin(new, nodes)]
+            nodes, frontier = torch.cat([nodes, new]), new
+        pos = torch.cat(positions)
+        edge_index = torch.stack([_local_ids(nodes, torch.cat(receivers)),
+                                  _local_ids(nodes, source.index_select(0, pos))])
+        return nodes, edge_index, weight.index_select(0, pos)
+
+    def semantic(self, batch_users: Tensor, items: Tensor) -> Tuple[Tensor, Tensor]:
+        r"""The semantic view :math:`(\mathbf{H}_{users}, \mathbf{H}_{items})`,
+        ``[U_b, d]`` and ``[len(items), d]``, of the unique ``batch_users``
+        and unique ``items``, as :meth:`CRANE.semantic
+        <crane_pyg.models.CRANE.semantic>` computes it (including
+        ``semantic_scale``) but from the items' :math:`L_{ii}`-hop item-item
+        neighbourhood only."""
+        model = self.model
+        num_items = items.numel()
+        seeds = items
+        if model._needs_item_mean:
+            mean_seg, mean_item = self._user_items_of(batch_users, self.item_mean_fanout)
+            extra = torch.unique(mean_item)
+            seeds = torch.cat([items, extra[~torch.isin(extra, items)]])
+        nodes, edge_index, edge_weight = self.item_closure(seeds)
+        num_seeds, num_nodes = seeds.numel(), nodes.numel()
+
+        profile_nodes = None
+        if model._needs_z_user and model.use_profiles and not model.precompute_profiles:
+            # profiles aggregate the encoded vectors of *all* the users' items
+            prof_seg, prof_item = self._user_items_of(batch_users, -1)
+            extra = torch.unique(prof_item)
+            nodes = torch.cat([nodes, extra[~torch.isin(extra, nodes)]])
+            profile_nodes = (prof_seg, prof_item)
+
+        x_item = model._encode_items(nodes)  # the encoders on the needed rows only
+        z_user = None
+        if model._needs_z_user and model.use_profiles:
+            if profile_nodes is None:
+                profiles = model._profiles(None, batch_users)
+            else:
+                profiles = self._aggregate_profiles(x_item, nodes, batch_users, *profile_nodes)
+            z = model.rca(torch.cat([x_item[:num_nodes], profiles], dim=0))
+            z_item, z_user = z[:num_nodes], z[num_nodes:]
+        else:
+            z_item = model.rca(x_item[:num_nodes])
+            if model._needs_z_user:
+                z_user = model.user_semantic_embedding(batch_users)
+        h = z_item
+        if self.item_conv is not None:
+            edge_weight = edge_weight.to(h.dtype)
+            for _ in range(model.num_ii_layers):
+                h = self.item_conv(h, edge_index, edge_weight)
+        h_seeds = h[:num_seeds]
+        if model._needs_item_mean:
+            rows = h_seeds.index_select(0, _local_ids(seeds, mean_item))
+            count = torch.bincount(mean_seg, minlength=batch_users.numel())
+            inv = count.to(h.dtype).reciprocal().masked_fill(count == 0, 0.0)
+            item_mean = torch.zeros(batch_users.numel(), h.size(-1), dtype=h.dtype,
+                                    device=h.device).index_add(
+                0, mean_seg, rows * inv.index_select(0, mean_seg).unsqueeze(-1))
+            h_user = item_mean if z_user is None else 0.5 * (z_user + item_mean)
+        else:
+            h_user = z_user
+        h_item = h_seeds[:num_items]
+        if model.semantic_scale is not None:
+            h_user = model.semantic_scale * F.normalize(h_user, dim=-1)
+            h_item = model.semantic_scale * F.normalize(h_item, dim=-1)
+        self.last_stats.update(items_seed=int(num_seeds), items_encoded=int(nodes.numel()),
+                               item_edges=int(edge_index.size(1)))
+        return h_user, h_item
+
+    def _aggregate_profiles(self, x_item: Tensor, nodes: Tensor, batch_users: Tensor,
+                            seg: Tensor, item: Tensor) -> Tensor:
+        r""":math:`\mathbf{p}_m(u) = \sum_{i \in \mathcal{N}(u)} a_{ui}
+        \mathbf{x}_m(i)` of ``batch_users`` from the encoded rows ``x_item``
+        of ``nodes`` (``precompute_profiles=False``)."""
+        model = self.model
+        _, _, deg_item = self._user_item_csr()
+        deg_user = torch.bincount(seg, minlength=batch_users.numel()).to(x_item.dtype)
+        if model.profile_norm == 'mean':
+            a = deg_user.reciprocal().index_select(0, seg)
+        else:  # 'sym'
+            a = (deg_user.index_select(0, seg)
+                 * deg_item.index_select(0, item).to(x_item.dtype)).rsqrt()
+        rows = x_item.index_select(0, _local_ids(nodes, item))
+        out = torch.zeros(batch_users.numel(), *x_item.shape[1:], dtype=x_item.dtype,
+                          device=x_item.device)
+        return out.index_add(0, seg, rows * a.view(-1, 1, 1))
+
+    # ------------------------------------------------------------------
+    def forward(self, users: Tensor, pos_items: Tensor,
+                neg_items: Tensor) -> Tuple[Tensor, Dict[str, float]]:
+        r"""CRANE's BPR + :math:`\lambda_{cl}` InfoNCE + :math:`\lambda_{reg}`
+        L2 loss of the batch (see :meth:`CRANE.loss
+        <crane_pyg.models.CRANE.loss>`), both views computed on the batch's
+        subgraphs."""
+        model = self.model
+        model._check_batch(users, pos_items, neg_items)
+        batch_users, user_pos = torch.unique(users, return_inverse=True)
+        batch_items = pos_items[:0]
+        if model.lambda_cl > 0:  # drawn first, as in CRANE.loss (same generator calls)
+            batch_items = model._cl_subset(torch.unique(pos_items))
+        items, item_pos = torch.unique(torch.cat([pos_items, neg_items, batch_items]),
+                                       return_inverse=True)
+        self.last_stats = {'users': int(batch_users.numel())}
+        cf = self.behavioural(torch.cat([batch_users, items + model.num_users]))
+        e_user, e_items = cf[:batch_users.numel()], cf[batch_users.numel():]
+        h_user, h_items = self.semantic(batch_users, items)
+        e_rows, h_rows = e_items.index_select(0, item_pos), h_items.index_select(0, item_pos)
+        return model.objective(users, pos_items, neg_items, user_pos, e_user, h_user,
+                               e_rows, h_rows)
+
+    def extra_repr(self) -> str:
+        return (f'num_neighbors={self.num_neighbors}, '
+                f'item_mean_fanout={self.item_mean_fanout}')
+
+
+def _same_key(old: Tuple[Any, ...], new: Tuple[Any, ...]) -> bool:
+    r"""Whether two cache keys of ``(tensor, version, ...)`` pairs match
+    (same tensor objects, not modified in place since)."""
+    return all((a is b) if isinstance(a, Tensor) else a == b for a, b in zip(old, new))
+
+
+def minibatch_loss_module(model: nn.Module, num_neighbors: Sequence[int] | None = None
+                          ) -> nn.Module:
+    r"""The mini-batch loss module of :obj:`model`: :class:`MiniBatchCRANE` for
+    :class:`~crane_pyg.models.CRANE`, :class:`MiniBatchLightGCN` for
+    :class:`~crane_pyg.models.LightGCN` (what the trainer uses when
+    ``train.num_neighbors`` is set).
+
+    Raises:
+        TypeError: for any other model (VBPR, FREEDOM: no sampled-subgraph
+            loss; train them full-batch, ``train.num_neighbors: null``).
+    """
+    from crane_pyg.models import CRANE, LightGCN
+    if isinstance(model, CRANE):
+        return MiniBatchCRANE(model, num_neighbors)
+    if isinstance(model, LightGCN):
+        return MiniBatchLightGCN(model, num_neighbors)
+    raise TypeError(f'mini-batch training (train.num_neighbors) supports CRANE and '
+                    f'LightGCN, got {type(model).__name__}; set train.num_neighbors to '
+                    f'null to train it full-batch')

@@ -124,9 +124,12 @@ class Trainer:
             (default: :obj:`False`)
         loss_module (torch.nn.Module, optional): the module called as
             ``loss_module(users, pos, neg) -> (loss, parts)`` in training,
-            sharing the model's parameters; default the model itself, or
-            :class:`~crane_pyg.train.minibatch.MiniBatchLightGCN` when
-            ``config.num_neighbors`` is set.
+            sharing the model's parameters; default the model itself, or, when
+            ``config.num_neighbors`` is set,
+            :func:`~crane_pyg.train.minibatch.minibatch_loss_module`'s
+            (:class:`~crane_pyg.train.minibatch.MiniBatchCRANE` for CRANE,
+            :class:`~crane_pyg.train.minibatch.MiniBatchLightGCN` for
+            LightGCN; :class:`TypeError` for the other models).
     """
 
     def __init__(
@@ -194,8 +197,8 @@ class Trainer:
                                   seed=config.seed, device=self.device,
                                   rank=self.rank, world_size=self.world_size)
         if loss_module is None and config.num_neighbors is not None:
-            from .minibatch import MiniBatchLightGCN
-            loss_module = MiniBatchLightGCN(self.model, config.num_neighbors)
+            from .minibatch import minibatch_loss_module  # TypeError: not CRANE/LightGCN
+            loss_module = minibatch_loss_module(self.model, config.num_neighbors)
         #: the module called for the training loss (``model`` or ``loss_module``,
         #: wrapped in DDP when distributed)
         self.train_model: torch.nn.Module = (self.model if loss_module is None

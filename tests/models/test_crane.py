@@ -216,6 +216,36 @@ def test_fusion_and_loss_by_hand(knn_data, fusion):
     assert loss.item() == pytest.approx((bpr + cl + reg).item(), rel=1e-5)
 
 
+def test_cl_max_nodes_subsamples_the_contrastive_sets(knn_data):
+    """With more unique nodes than ``cl_max_nodes`` each InfoNCE term runs on
+    a uniform subset of that size, drawn from the global generator: the value
+    is the by-hand InfoNCE of exactly the drawn rows, and reseeding repeats it."""
+    model = _model(knn_data, lambda_cl=0.3, cl_max_nodes=8).eval()
+    users, pos, neg = _batch(knn_data)
+    uu, ui = users.unique(), pos.unique()
+    assert uu.numel() > 8 and ui.numel() > 8
+    torch.manual_seed(5)
+    with torch.no_grad():
+        _, parts = model.loss(users, pos, neg)
+        e_user, e_item = model.behavioural()
+        h_user, h_item = model.semantic()
+    # the same draws, in the order the loss makes them: items first, then users
+    torch.manual_seed(5)
+    pick_items = ui[torch.randperm(ui.numel())[:8]]
+    pick_users = uu[torch.randperm(uu.numel())[:8]]
+    nce = InfoNCE(0.2)
+    expected = 0.3 * (nce(e_user[pick_users], h_user[pick_users])
+                      + nce(e_item[pick_items], h_item[pick_items]))
+    assert parts['cl'] == pytest.approx(expected.item(), rel=1e-5)
+    full = _model(knn_data, lambda_cl=0.3, cl_max_nodes=None).eval()
+    with torch.no_grad():
+        _, full_parts = full.loss(users, pos, neg)
+    assert full_parts['cl'] != pytest.approx(parts['cl'], rel=1e-3)
+    assert full_parts['bpr'] == pytest.approx(parts['bpr'], rel=1e-6)
+    with pytest.raises(ValueError, match='cl_max_nodes'):
+        _model(knn_data, cl_max_nodes=1)
+
+
 def test_lambda_cl_zero_disables_the_contrastive_term(knn_data):
     model = _model(knn_data, lambda_cl=0.0)
     _, parts = model.loss(*_batch(knn_data))

@@ -1,13 +1,17 @@
-"""Mini-batch LightGCN: with all neighbours on every hop the sampled-subgraph
-embeddings, loss and gradients equal the full-batch ones."""
+"""Mini-batch LightGCN and CRANE: with all neighbours on every hop the
+sampled-subgraph embeddings, loss and gradients equal the full-batch ones; a
+finite fan-out bounds the subgraph."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 import torch_geometric.typing as pyg_typing
 
-from crane_pyg.models import CRANE, LightGCN
-from crane_pyg.train.minibatch import MiniBatchLightGCN, UserItemSubgraphSampler
+from crane_pyg.models import CRANE, VBPR, LightGCN
+from crane_pyg.train.minibatch import (MiniBatchCRANE, MiniBatchLightGCN,
+                                       UserItemSubgraphSampler, minibatch_loss_module)
 
 pytestmark = pytest.mark.skipif(
     not (pyg_typing.WITH_PYG_LIB or pyg_typing.WITH_TORCH_SPARSE),
@@ -89,8 +93,6 @@ def test_bad_arguments():
 
 def test_trainer_minibatch_mode_equals_full_batch(tmp_path):
     """``train.num_neighbors=[-1, -1]`` trains exactly like full-batch LightGCN."""
-    import dataclasses
-
     from crane_pyg.train import Trainer
 
     from .test_distributed import make_model, tiny_config, tiny_data
@@ -106,3 +108,183 @@ def test_trainer_minibatch_mode_equals_full_batch(tmp_path):
     for name, value in full.model.state_dict().items():
         torch.testing.assert_close(mini.model.state_dict()[name], value, atol=1e-5, rtol=0)
     assert mini.history[0]['loss'] == pytest.approx(full.history[0]['loss'], abs=1e-6)
+
+
+# ----------------------------------------------------------------------
+# CRANE
+# ----------------------------------------------------------------------
+
+def crane(data, **options) -> CRANE:
+    torch.manual_seed(0)
+    defaults = dict(embedding_dim=8, num_ii_layers=2, knn_k=3, lambda_cl=0.1)
+    defaults.update(options)
+    return CRANE.from_data(data, **defaults)
+
+
+def crane_batch(data, size: int = 16, seed: int = 1):
+    """Training triples with repeated users and repeated positives."""
+    g = torch.Generator().manual_seed(seed)
+    edge_index = data['user', 'interacts', 'item'].edge_index
+    pick = torch.randint(0, edge_index.size(1), (size,), generator=g)
+    users, pos = edge_index[0, pick].clone(), edge_index[1, pick].clone()
+    users[1], pos[3] = users[0], pos[2]
+    neg = torch.randint(0, int(data['item'].num_nodes), (size,), generator=g)
+    return users, pos, neg
+
+
+def assert_same_loss_and_gradients(model, mini, batch, seed: int = 5):
+    params = list(model.parameters())
+    torch.manual_seed(seed)  # the InfoNCE subsets (cl_max_nodes) draw from it
+    loss_full, parts_full = model.loss(*batch)
+    grads_full = torch.autograd.grad(loss_full, params, allow_unused=True)
+    torch.manual_seed(seed)
+    loss_mini, parts_mini = mini(*batch)
+    grads_mini = torch.autograd.grad(loss_mini, params, allow_unused=True)
+    torch.testing.assert_close(loss_mini, loss_full, atol=1e-5, rtol=1e-5)
+    assert parts_mini == pytest.approx(parts_full, rel=1e-5, abs=1e-7)
+    assert set(parts_mini) == set(parts_full)
+    names = [name for name, _ in model.named_parameters()]
+    for name, a, b in zip(names, grads_mini, grads_full):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    # the content side really is trained through the subgraph
+    encoder = dict(zip(names, grads_mini))['encoders.0.weight']
+    assert encoder is not None and encoder.abs().sum() > 0
+
+
+@pytest.mark.parametrize('edge_dropout', [0.0, 0.3])
+@pytest.mark.parametrize('user_semantic', ['profile', 'items', 'both'])
+def test_crane_full_fanout_equals_full_batch(synthetic_data, user_semantic, edge_dropout):
+    """Loss and all gradients equal CRANE.loss; with edge dropout the sampler
+    follows each epoch's pruned graph, and a rebuilt item graph is picked up."""
+    model = crane(synthetic_data, user_semantic=user_semantic, edge_dropout=edge_dropout,
+                  graph_rebuild_every=1 if edge_dropout > 0 else 0)
+    mini = MiniBatchCRANE(model, [-1, -1])
+    model.train()
+    for epoch in range(2):
+        model.on_epoch_start(epoch)  # epoch 1: new pruned graph (and item graph rebuild)
+        assert_same_loss_and_gradients(model, mini, crane_batch(synthetic_data, seed=epoch))
+        if edge_dropout > 0:
+            assert mini.sampler.data.num_edges == 2 * model.train_edge_index.size(1)
+            assert model.train_edge_index.size(1) < model.edge_index.size(1)
+    stats = mini.last_stats
+    assert stats['users'] <= 16 and stats['items_seed'] <= stats['items_encoded']
+
+
+@pytest.mark.parametrize('options', [
+    dict(precompute_profiles=False, profile_norm='sym', cl_max_nodes=4),
+    dict(use_profiles=False, use_rca=False, num_ui_layers=1),
+    dict(use_item_graph=False, fusion='concat', semantic_scale=None, user_semantic='items'),
+    dict(eval_mode=True, edge_dropout=0.3, num_ii_layers=1),
+], ids=['profiles-on-the-fly', 'no-profiles-no-rca', 'no-item-graph-concat', 'eval'])
+def test_crane_full_fanout_equals_full_batch_variants(synthetic_data, options):
+    options = dict(options)
+    eval_mode = options.pop('eval_mode', False)
+    model = crane(synthetic_data, **options)
+    model.train(not eval_mode)  # eval: the full graph, not the pruned one
+    mini = MiniBatchCRANE(model)
+    assert mini.num_neighbors == [-1] * model.num_ui_layers
+    assert_same_loss_and_gradients(model, mini, crane_batch(synthetic_data))
+
+
+def test_crane_item_closure_is_the_l_hop_in_neighbourhood(synthetic_data):
+    """The items encoded are the seeds and their L_ii-hop in-neighbours, and
+    the propagated edges are all in-edges of the items within L_ii - 1 hops."""
+    model = crane(synthetic_data, num_ii_layers=2)
+    mini = MiniBatchCRANE(model)
+    num_items = model.num_items
+    S = torch.zeros(num_items, num_items)
+    S[model.item_adj_index[0], model.item_adj_index[1]] = model.item_adj_weight
+    seeds = torch.tensor([5, 0, 17])
+    nodes, edge_index, edge_weight = mini.item_closure(seeds)
+    assert torch.equal(nodes[:3], seeds) and nodes.unique().numel() == nodes.numel()
+    hop1 = torch.zeros(num_items, dtype=torch.bool)
+    hop1[seeds] = True
+    hop1 |= (S[seeds] != 0).any(0)
+    hop2 = hop1 | (S[hop1] != 0).any(0)
+    assert set(nodes.tolist()) == set(hop2.nonzero().view(-1).tolist())
+    assert nodes.numel() < num_items
+    # the subgraph's matrix is S restricted to rows in hop1, columns in hop2
+    sub = torch.zeros(nodes.numel(), nodes.numel())
+    sub[edge_index[0], edge_index[1]] = edge_weight
+    expected = S[nodes][:, nodes] * hop1[nodes].unsqueeze(1)
+    torch.testing.assert_close(sub, expected)
+
+
+def test_crane_finite_fanout_samples_and_trains(synthetic_data):
+    """A finite fan-out gives a finite loss and gradients, samples at most
+    k items per user for the item mean and touches fewer nodes and items."""
+    model = crane(synthetic_data, user_semantic='both', num_ii_layers=1, edge_dropout=0.2)
+    model.train()
+    model.on_epoch_start(0)
+    users, pos, neg = crane_batch(synthetic_data, size=6)
+    full = MiniBatchCRANE(model, [-1, -1])
+    full(users, pos, neg)
+    mini = MiniBatchCRANE(model, [3, 2])
+    assert mini.item_mean_fanout == 3
+    loss, parts = mini(users, pos, neg)
+    loss.backward()
+    assert torch.isfinite(loss) and set(parts) == {'bpr', 'cl', 'reg'}
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert model.encoders[0].weight.grad.abs().sum() > 0
+    assert model.user_embedding.weight.grad.abs().sum() > 0
+    stats = mini.last_stats
+    assert stats['ui_nodes'] < full.last_stats['ui_nodes']
+    assert stats['items_seed'] < full.last_stats['items_seed']
+    assert stats['items_encoded'] < model.num_items
+    # the item mean's sample: min(deg, k) distinct training items per user
+    batch_users = users.unique()
+    seg, item = mini._user_items_of(batch_users, 3)
+    edge_index = model.edge_index
+    for j, u in enumerate(batch_users.tolist()):
+        mine = item[seg == j]
+        own = edge_index[1, edge_index[0] == u]
+        assert mine.numel() == min(own.numel(), 3) == mine.unique().numel()
+        assert bool(torch.isin(mine, own).all())
+
+
+def test_crane_bad_arguments(synthetic_data):
+    model = crane(synthetic_data, num_ii_layers=1)
+    with pytest.raises(ValueError, match='num_ui_layers=2'):
+        MiniBatchCRANE(model, [-1])
+    with pytest.raises(ValueError, match='item_mean_fanout'):
+        MiniBatchCRANE(model, [-1, -1], item_mean_fanout=0)
+    with pytest.raises(TypeError, match='CRANE only'):
+        MiniBatchCRANE(LightGCN(U, I, edges()))
+    assert isinstance(minibatch_loss_module(model, [4, 4]), MiniBatchCRANE)
+    assert isinstance(minibatch_loss_module(LightGCN(U, I, edges()), [2, 2]),
+                      MiniBatchLightGCN)
+    vbpr = VBPR.from_data(synthetic_data, embedding_dim=4)
+    with pytest.raises(TypeError, match='supports CRANE and LightGCN, got VBPR'):
+        minibatch_loss_module(vbpr, [-1])
+
+
+def test_trainer_minibatch_mode_equals_full_batch_crane(synthetic_data, tmp_path):
+    """``train.num_neighbors=[-1, -1]`` trains CRANE exactly like full-batch
+    (edge dropout: the pruned graph changes every epoch)."""
+    from crane_pyg.train import TrainConfig, Trainer
+
+    def make():
+        return crane(synthetic_data, user_semantic='both', num_ii_layers=1,
+                     edge_dropout=0.2, cl_max_nodes=64)
+
+    config = TrainConfig(epochs=2, batch_size=1024, lr=0.01, eval_batch_size=512, seed=3,
+                         device='cpu', ks=(20,), stop_metric='recall@20')
+    full = Trainer(make(), synthetic_data, config, tmp_path / 'full', quiet=True,
+                   plot=False, restore_best=False)
+    full.fit()
+    mini = Trainer(make(), synthetic_data,
+                   dataclasses.replace(config, num_neighbors=(-1, -1)), tmp_path / 'mini',
+                   quiet=True, plot=False, restore_best=False)
+    assert isinstance(mini.train_model, MiniBatchCRANE)
+    mini.fit()
+    for name, value in full.model.state_dict().items():
+        torch.testing.assert_close(mini.model.state_dict()[name], value, atol=1e-5, rtol=0)
+    for a, b in zip(mini.history, full.history):
+        assert a['loss'] == pytest.approx(b['loss'], abs=1e-6)
+    with pytest.raises(TypeError, match='supports CRANE and LightGCN'):
+        Trainer(VBPR.from_data(synthetic_data, embedding_dim=4), synthetic_data,
+                dataclasses.replace(config, num_neighbors=(-1,)), tmp_path / 'vbpr',
+                quiet=True, plot=False)
