@@ -34,7 +34,7 @@ import torch  # noqa: E402
 __all__ = [
     'resolve_device', 'synchronize', 'time_fn', 'summarize', 'peak_rss_mb',
     'reset_peak', 'peak_memory_mb', 'run_subprocess_point', 'measure_point',
-    'baseline_rss_mb', 'write_json',
+    'baseline_rss_mb', 'current_rss_mb', 'reset_peak_rss', 'write_json',
     'loglog_slope', 'power_law_graph', 'random_item_graph', 'make_heterodata',
     'environment', 'add_common_args',
 ]
@@ -95,6 +95,33 @@ def peak_rss_mb() -> float:
     Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2 ** 20 if platform.system() == 'Darwin' else rss / 1024
+
+
+def current_rss_mb() -> Optional[float]:
+    r"""Current resident set of *this* process in MiB (``VmRSS`` of
+    ``/proc/self/status``); :obj:`None` where that file does not exist."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmRSS:'):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    r"""Resets this process's peak resident set to its current one (Linux
+    >= 4.0: ``5`` written to ``/proc/self/clear_refs``), so that
+    :func:`peak_rss_mb` afterwards reports the peak of what ran since.
+    Returns whether it worked (:obj:`False`: the peak keeps counting from
+    the process start). :func:`reset_peak` does not call it."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
 
 
 def reset_peak(device: torch.device) -> None:

@@ -130,6 +130,8 @@ def run_point(p: Dict[str, Any]) -> Dict[str, Any]:
     from crane_pyg.models import CRANE
 
     device = resolve_device(p['device'])
+    if p.get('threads'):
+        torch.set_num_threads(p['threads'])
     torch.manual_seed(p['seed'])
     N, E = p['N'], p['E']
     U = max(2, int(round(N * USER_FRACTION)))
@@ -259,6 +261,11 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument('--fit-last', type=int, default=3,
                         help='fit the slope over this many largest points')
     parser.add_argument('--timeout', type=float, default=600, help='per point, seconds')
+    parser.add_argument('--threads', type=int, default=1,
+                        help='torch CPU threads per point (default: %(default)s: one '
+                             'thread keeps fixed per-operation overheads small against '
+                             'the work, so the slopes reflect the algorithm; 0 keeps '
+                             "torch's default)")
     args = parser.parse_args(argv)
     if args._point is not None:
         print(json.dumps(run_point(json.loads(args._point))))
@@ -290,7 +297,7 @@ def main(argv=None) -> Dict[str, Any]:
         points = []
         for value in grid[axis]:
             p = dict(base, device=str(device), seed=args.seed, repeats=args.repeats,
-                     batch_size=batch)
+                     batch_size=batch, threads=args.threads)
             p[axis] = value
             t0 = time.time()
             out = measure_point(script, run_point, p, args.in_process, timeout=args.timeout)
@@ -311,6 +318,9 @@ def main(argv=None) -> Dict[str, Any]:
         slopes['peak_rss_mb'] = loglog_slope(
             xs, [q['memory']['peak_rss_mb'] - result['baseline_rss_mb'] for q in ok],
             args.fit_last)
+        if ok and all('cuda_max_allocated_mb' in q['memory'] for q in ok):
+            slopes['cuda_max_allocated_mb'] = loglog_slope(
+                xs, [q['memory']['cuda_max_allocated_mb'] for q in ok], args.fit_last)
         result['axes'][axis] = {'points': points, 'fitted_slopes': slopes,
                                 'predicted': PREDICTED[axis]}
         pred = PREDICTED[axis]

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import (attention_memory, backends, common, electronics_scale,  # noqa: E402
-                        memory_linear, scalability)
+                        memory_linear, minibatch_memory, scalability)
 
 
 def _is_timing(entry) -> bool:
@@ -150,3 +150,32 @@ def test_memory_linear_small(tmp_path):
     assert all(p['E_train'] > 0 and p['peak_rss_mb'] > 0 for p in saved['points'])
     assert saved['predicted_slope'] == 1.0
     assert isinstance(saved['slope_memory_above_baseline_vs_N'], float)
+
+
+def test_minibatch_memory_quick(tmp_path):
+    # the quick grid in this process: every (N, mode) point ran with finite
+    # losses, reports memory and timing, and [5,5] fan-outs encode fewer items
+    # than the full batch (all I) while [-1,-1] reaches more UI nodes than [5,5]
+    out = tmp_path / 'mb.json'
+    minibatch_memory.main(['--quick', '--in-process', '--device', 'cpu', '--output', str(out)])
+    res = json.loads(out.read_text())
+    assert res['benchmark'] == 'minibatch_memory' and 'loadavg' in res['environment']
+    assert set(res) >= {'config', 'points', 'fitted_slopes', 'summary', 'baseline_rss_mb'}
+    assert list(res['points']) == ['full', 'mini[-1,-1]', 'mini[10,10]', 'mini[5,5]']
+    sizes = res['config']['sizes']
+    for mode, points in res['points'].items():
+        assert [p['N'] for p in points] == sizes
+        for p in points:
+            assert p['status'] == 'ok' and p['finite_loss'] and len(p['losses']) == 4
+            assert p['memory_mb'] > 0 and p['process_peak_mb'] > 0
+            assert _is_timing(p['time']) and p['step_ms'] > 0
+            assert (p['last_stats'] is None) == (mode == 'full')
+        assert set(res['fitted_slopes'][mode]) == {'memory', 'time'}
+    for full, mb5, mb_all in zip(*(res['points'][m] for m in ('full', 'mini[5,5]',
+                                                               'mini[-1,-1]'))):
+        stats = mb5['last_stats']
+        assert 0 < stats['items_seed'] <= stats['items_encoded'] < full['num_items']
+        assert stats['ui_nodes'] < mb_all['last_stats']['ui_nodes']
+    assert len(res['summary']) == 4 * len(sizes)
+    assert all('memory_saving' in r for r in res['summary'] if r['mode'] != 'full')
+    assert out.with_suffix('.png').stat().st_size > 0

@@ -160,6 +160,10 @@ class CRANE(Recommender):
             modalities, equal otherwise. (default: :obj:`None`)
         user_semantic (str): ``'profile'``, ``'items'`` or ``'both'`` (see 4.).
             (default: ``'both'``)
+        id_item_graph (bool): also smooth the item ID embeddings over the
+            item-item graph, FREEDOM's use of it: :math:`\mathbf{e}^{cf}_i
+            \leftarrow \mathbf{e}^{cf}_i + (\hat{\mathbf{S}}^{L_{ii}}
+            \mathbf{E}^{(0)}_I)_i`. (default: :obj:`False`)
         graph_rebuild_every (int): :math:`T`, epochs between rebuilds of the
             item graph from :math:`\mathbf{Z}_I` (``0``: never). (default: ``0``)
         rebuild_mix (float): :math:`\beta \in [0, 1]`, weight of the raw-feature
@@ -230,6 +234,7 @@ class CRANE(Recommender):
         knn_k: int = 10,
         modality_weights: Optional[Tuple[float, ...]] = None,
         user_semantic: Literal['profile', 'items', 'both'] = 'both',
+        id_item_graph: bool = False,
         graph_rebuild_every: int = 0,
         rebuild_mix: float = 0.5,
         fusion: Literal['sum', 'concat'] = 'sum',
@@ -289,6 +294,10 @@ class CRANE(Recommender):
         self.knn_k = knn_k
         self.user_semantic = user_semantic
         self.graph_rebuild_every = graph_rebuild_every
+        self.id_item_graph = bool(id_item_graph) and propagate_items
+        if id_item_graph and not propagate_items:
+            raise ValueError(f'{name}: id_item_graph=True needs the item graph '
+                             f'(use_item_graph=True, num_ii_layers > 0)')
         self.rebuild_mix = float(rebuild_mix)
         self.fusion = fusion
         self.lambda_cl = float(lambda_cl)
@@ -339,14 +348,16 @@ class CRANE(Recommender):
         if self.use_profiles and self._needs_z_user:
             if self.precompute_profiles:
                 agg = UserProfileAggregation(profile_norm, backend=backend)
-                with torch.no_grad():
+                with torch.no_grad():  # on the features' device (edge_index may differ)
                     for m, x in enumerate(features.values()):
                         self.register_buffer(f'profile_feature_{m}',
-                                             agg(x.float(), edge_index, num_users),
+                                             agg(x.float(), edge_index.to(x.device),
+                                                 num_users),
                                              persistent=False)
-                    ones = torch.ones(num_items, 1, device=edge_index.device)
+                    ones = torch.ones(num_items, 1, device=x.device)
                     self.register_buffer('profile_mass',
-                                         agg(ones, edge_index, num_users).squeeze(-1),
+                                         agg(ones, edge_index.to(x.device),
+                                             num_users).squeeze(-1),
                                          persistent=False)
             else:
                 self.profile_agg = UserProfileAggregation(profile_norm, cached=True,
@@ -526,7 +537,14 @@ class CRANE(Recommender):
             encoder, edge_index = self.ui_train_encoder, self.train_edge_index
         else:
             encoder, edge_index = self.ui_encoder, self.edge_index
-        return encoder((self.user_embedding.weight, self.item_embedding.weight), edge_index)
+        e_user, e_item = encoder((self.user_embedding.weight, self.item_embedding.weight),
+                                 edge_index)
+        if self.id_item_graph:
+            h = self.item_embedding.weight
+            for _ in range(self.num_ii_layers):
+                h = self.item_conv(h, self.item_adj_index, self.item_adj_weight)
+            e_item = e_item + h
+        return e_user, e_item
 
     def _fuse(self, cf: Tensor, sem: Tensor) -> Tensor:
         return cf + sem if self.fusion == 'sum' else torch.cat([cf, sem], dim=-1)

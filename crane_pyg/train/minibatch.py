@@ -377,6 +377,9 @@ class MiniBatchCRANE(nn.Module):
             raise TypeError(f'MiniBatchCRANE supports CRANE only, got '
                             f'{type(model).__name__} (use MiniBatchLightGCN for LightGCN, '
                             f'or minibatch_loss_module to pick)')
+        if getattr(model, 'id_item_graph', False):
+            raise NotImplementedError('MiniBatchCRANE does not support id_item_graph=True '
+                                      '(train full-batch: train.num_neighbors: null)')
         if num_neighbors is None:
             num_neighbors = [-1] * model.num_ui_layers
         num_neighbors = [_check_fanout(k, 'num_neighbors') for k in num_neighbors]

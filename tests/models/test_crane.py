@@ -183,6 +183,23 @@ def test_item_graph_is_the_transforms_matrix(knn_data):
     torch.testing.assert_close(s_model.sum(1), torch.ones(model.num_items, dtype=torch.float64))
 
 
+def test_id_item_graph_adds_the_smoothed_item_ids(knn_data):
+    """``id_item_graph=True``: the behavioural item view gains S^L_ii E_I (the
+    dense item matrix times the ID table); the user view is unchanged."""
+    plain = _model(knn_data, num_ii_layers=2)
+    smoothed = _model(knn_data, num_ii_layers=2, id_item_graph=True)
+    smoothed.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        e_user, e_item = plain.behavioural()
+        s_user, s_item = smoothed.behavioural()
+    s = _dense(plain.item_adj_index, plain.item_adj_weight, plain.num_items)
+    expected = e_item.double() + s @ (s @ plain.item_embedding.weight.double())
+    torch.testing.assert_close(s_user, e_user)
+    torch.testing.assert_close(s_item.double(), expected, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match='id_item_graph'):
+        _model(knn_data, id_item_graph=True, use_item_graph=False)
+
+
 @pytest.mark.parametrize('fusion', ['sum', 'concat'])
 def test_fusion_and_loss_by_hand(knn_data, fusion):
     """The loss (which evaluates the user semantic view on the batch's users

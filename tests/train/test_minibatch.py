@@ -253,6 +253,8 @@ def test_crane_bad_arguments(synthetic_data):
         MiniBatchCRANE(model, [-1, -1], item_mean_fanout=0)
     with pytest.raises(TypeError, match='CRANE only'):
         MiniBatchCRANE(LightGCN(U, I, edges()))
+    with pytest.raises(NotImplementedError, match='id_item_graph'):
+        MiniBatchCRANE(crane(synthetic_data, num_ii_layers=1, id_item_graph=True))
     assert isinstance(minibatch_loss_module(model, [4, 4]), MiniBatchCRANE)
     assert isinstance(minibatch_loss_module(LightGCN(U, I, edges()), [2, 2]),
                       MiniBatchLightGCN)
