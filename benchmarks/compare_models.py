@@ -32,9 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -131,9 +133,36 @@ def _run_subprocess(args: argparse.Namespace, model: str, seed: int, out: Path) 
     code = 'import sys; from crane_pyg.train import main; sys.exit(main(sys.argv[1:]))'
     env = dict(os.environ)
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get('PYTHONPATH')]))
-    completed = subprocess.run([sys.executable, '-c', code, *_cli_args(args, model, seed, out)],
-                               env=env, check=False)
-    return completed.returncode
+    proc = subprocess.Popen([sys.executable, '-c', code, *_cli_args(args, model, seed, out)],
+                            env=env)
+    try:
+        return proc.wait()
+    except BaseException:  # Ctrl-C, or SIGTERM (raised as KeyboardInterrupt in main)
+        stop_child(proc)
+        raise
+
+
+def stop_child(proc: subprocess.Popen, grace: float = 60.0) -> int:
+    r"""Ends a training subprocess when this script is interrupted, so that
+    no run is left behind: a Ctrl-C in a terminal has reached the child
+    already (same process group), so it gets two seconds to save its
+    checkpoint and exit; otherwise (this script was sent SIGTERM) it is sent
+    SIGINT, which makes the trainer save a checkpoint and exit with code
+    130, and after :obj:`grace` seconds it is killed. Returns its exit code."""
+    for action, timeout in ((None, 2.0), (signal.SIGINT, grace), (signal.SIGKILL, None)):
+        if proc.poll() is not None:
+            break
+        if action is not None:
+            proc.send_signal(action)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    return proc.returncode
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f'signal {signum}')
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, Any]:
@@ -242,6 +271,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops the runs too
     try:
         summary = compare(args)
     except (ConfigError, DatasetNotFoundError) as exc:
@@ -254,10 +286,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print('compare_models.py: interrupted; rerun with --resume to continue',
               file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print()
     print(to_markdown(summary))
     return 0
-
 
 if __name__ == '__main__':
     sys.exit(main())

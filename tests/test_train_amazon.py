@@ -248,3 +248,53 @@ def test_compare_models_subprocess_and_errors(tiny, tmp_path, capsys):
     assert compare_models.main(['--dataset', 'baby', '--data-root', str(tmp_path)]) == 2
     assert 'baby.inter' in capsys.readouterr().err
     assert compare_models.main(tiny + ['--seeds', '1,x']) == 2
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """PIDs (Linux /proc) whose command line contains ``text``."""
+    pids = []
+    for entry in Path('/proc').iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / 'cmdline').read_bytes().replace(b'\0', b' ').decode():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.skipif(not Path('/proc/self/cmdline').exists(), reason='needs Linux /proc')
+def test_compare_models_sigterm_stops_the_training_subprocess(tiny, tmp_path):
+    """``kill <compare_models>`` ends its training subprocess (which saves a
+    checkpoint on the SIGINT it is sent) instead of leaving it running."""
+    import signal
+    import time
+    out = tmp_path / 'cmp'
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
+    log = tmp_path / 'stderr.txt'
+    with open(log, 'wb') as stderr:  # a file: a pipe would wait for the child's end too
+        parent = subprocess.Popen(
+            [sys.executable, str(REPO / 'benchmarks' / 'compare_models.py'), *tiny,
+             '--models', 'lightgcn', '--seeds', '3', '--epochs', '100000', '--output', str(out),
+             *FAST, '--set', 'train.num_threads=1', '--set', 'train.patience=100000'],
+            env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    run_dir = str(out / 'lightgcn-seed3')
+    children = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / 'lightgcn-seed3' / 'last.pt').exists():  # the child is training
+            assert parent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        children = [pid for pid in _processes_mentioning(run_dir) if pid != parent.pid]
+        assert children, 'no training subprocess found'
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=120) == 130
+        left = [pid for pid in children if pid in _processes_mentioning(run_dir)]
+        assert not left, f'training subprocess {left} still running'
+        assert 'interrupted' in log.read_text()
+    finally:  # never leave a process behind, whatever failed
+        for pid in [parent.pid] + children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
