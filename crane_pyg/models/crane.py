@@ -83,6 +83,10 @@ class CRANE(Recommender):
          with FREEDOM's degree-sensitive edge dropout during training
          (``edge_dropout``, see
          :func:`~crane_pyg.models.base.degree_sensitive_edge_sample`);
+         with ``id_item_graph=True`` the item view also gains the item ID
+         embeddings smoothed over the item graph (FREEDOM's use of it),
+         :math:`\mathbf{e}^{cf}_i \mathrel{+}= (\hat{\mathbf{S}}^{L_{ii}}
+         \mathbf{E}^{(0)}_I)_i`;
        * semantic view: :math:`\mathbf{h}_i = (\hat{\mathbf{S}}^{L_{ii}}
          \mathbf{Z}_I)_i` over the item-item kNN graph :math:`\hat{\mathbf{S}}`
          (:class:`~crane_pyg.transforms.ItemKNNGraph` of the raw features);

@@ -98,7 +98,7 @@ fits whenever the embedding tables do.
 
 Scope: :class:`MiniBatchLightGCN` supports :class:`~crane_pyg.models.LightGCN`
 and :class:`MiniBatchCRANE` supports :class:`~crane_pyg.models.CRANE` (every
-option; with ``rca_dropout > 0`` the dropout masks differ from a full-batch
+option but ``id_item_graph=True``, which raises; with ``rca_dropout > 0`` the dropout masks differ from a full-batch
 step's, as between any two steps). :func:`minibatch_loss_module` picks the
 one for a model (what ``train.num_neighbors`` does) and raises
 :class:`TypeError` for the other models (VBPR, FREEDOM).
