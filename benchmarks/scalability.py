@@ -59,8 +59,9 @@ PARTS = ('sampling', 'encoders', 'profiles', 'rca', 'ii_prop', 'ui_prop', 'loss_
 PREDICTED = {
     'N': {'parts': ['rca', 'ii_prop', 'encoders'], 'slope': 1.0,
           'note': 'R (I + U_b) M d^2 + k I d + I sum(d_m) d; evaluation O(U I d): slope 2'},
-    'E': {'parts': ['ui_prop', 'sampling'], 'slope': 1.0,
-          'note': 'L_ui E d per step; sampling O(E log E) per epoch / (E / B) batches'},
+    'E': {'parts': ['ui_prop'], 'slope': 1.0,
+          'note': 'L_ui (E + U + I) d per step: linear in E once E >> U + I; sampling '
+                  'is O(E log E) per epoch, i.e. O(B log E) per batch (slope ~0 here)'},
     'd': {'parts': ['rca'], 'slope': 2.0,
           'note': 'R (U + I) M d^2; the propagations are linear in d'},
     'R': {'parts': ['rca'], 'slope': 1.0, 'note': 'R (U + I) M d^2'},
@@ -124,14 +125,23 @@ class _PartTimer:
 
 def run_point(p: Dict[str, Any]) -> Dict[str, Any]:
     import torch
+    previous = torch.get_num_threads()
+    if p.get('threads'):
+        torch.set_num_threads(p['threads'])
+    try:
+        return _run_point(p)
+    finally:  # matters with --in-process
+        torch.set_num_threads(previous)
+
+
+def _run_point(p: Dict[str, Any]) -> Dict[str, Any]:
+    import torch
     from crane_pyg.data import BPRSampler
     from crane_pyg.data.schema import USER_ITEM
     from crane_pyg.metrics import FullRankingEvaluator
     from crane_pyg.models import CRANE
 
     device = resolve_device(p['device'])
-    if p.get('threads'):
-        torch.set_num_threads(p['threads'])
     torch.manual_seed(p['seed'])
     N, E = p['N'], p['E']
     U = max(2, int(round(N * USER_FRACTION)))
@@ -266,6 +276,12 @@ def main(argv=None) -> Dict[str, Any]:
                              'thread keeps fixed per-operation overheads small against '
                              'the work, so the slopes reflect the algorithm; 0 keeps '
                              "torch's default)")
+    parser.add_argument('--grid', action='append', default=[], metavar='AXIS=V1,V2,...',
+                        help='replace the values of one axis (after --scale), e.g. '
+                             'E=240000,480000,960000 (repeatable)')
+    parser.add_argument('--base', action='append', default=[], metavar='AXIS=V',
+                        help='replace the base value of one axis (after --scale), e.g. '
+                             'N=96000 (repeatable)')
     args = parser.parse_args(argv)
     if args._point is not None:
         print(json.dumps(run_point(json.loads(args._point))))
@@ -277,6 +293,19 @@ def main(argv=None) -> Dict[str, Any]:
     for key in ('N', 'E'):
         base[key] = int(base[key] * args.scale)
         grid[key] = [int(v * args.scale) for v in grid[key]]
+    for text, target, many in [(g, grid, True) for g in args.grid] + \
+            [(b, base, False) for b in args.base]:
+        axis, _, values = text.partition('=')
+        try:
+            parsed = [int(float(v)) for v in values.split(',') if v.strip()]
+        except ValueError:
+            parsed = []
+        if axis not in GRID or not parsed or (not many and len(parsed) != 1) \
+                or min(parsed) < 1:
+            parser.error(f"--{'grid' if many else 'base'} {text!r}: expected "
+                         f"AXIS={'V1,V2,...' if many else 'V'} with AXIS in {list(GRID)} "
+                         f"and positive integers")
+        target[axis] = parsed if many else parsed[0]
     if args.points:
         grid = {k: v[:args.points] for k, v in grid.items()}
     batch = min(args.batch_size, 256) if args.quick else args.batch_size

@@ -81,6 +81,24 @@ def test_scalability_quick(tmp_path):
     assert out.with_suffix('.png').stat().st_size > 0
 
 
+def test_scalability_grid_and_base_overrides(tmp_path, capsys):
+    out = tmp_path / 's.json'
+    threads = torch.get_num_threads()
+    scalability.main(['--quick', '--in-process', '--device', 'cpu', '--axes', 'R',
+                      '--grid', 'R=1,3', '--base', 'd=8', '--threads', '1',
+                      '--output', str(out)])
+    assert torch.get_num_threads() == threads  # restored after the in-process points
+    res = json.loads(out.read_text())
+    assert res['config']['base']['d'] == 8 and res['config']['grid']['R'] == [1, 3]
+    points = res['axes']['R']['points']
+    assert [p['params']['R'] for p in points] == [1, 3]
+    assert all(p['params']['d'] == 8 and p['params']['threads'] == 1 for p in points)
+    for bad in (['--grid', 'Q=1,2'], ['--grid', 'R=1,x'], ['--base', 'N=1,2']):
+        with pytest.raises(SystemExit):
+            scalability.main(['--quick', '--in-process', '--output', str(out)] + bad)
+    assert 'expected AXIS=' in capsys.readouterr().err
+
+
 def test_backends_quick(tmp_path):
     from crane_pyg.nn import available_backends
     out = tmp_path / 'b.json'
