@@ -121,13 +121,15 @@ class CRANE(Recommender):
              + \lVert \mathbf{E}^{(0)}_{i^-} \rVert^2\big)
 
        with :math:`\mathcal{U}_b`, :math:`\mathcal{I}_b` the batch's unique
-       users and unique positive items, :class:`~crane_pyg.nn.InfoNCE`
+       users and unique positive items (at most ``cl_max_nodes`` of each,
+       drawn uniformly in every step), :class:`~crane_pyg.nn.InfoNCE`
        (cosine, in-batch negatives, temperature :math:`\tau`, symmetric) and
        :math:`\mathbf{E}^{(0)}` the ID ("ego") embeddings (plus the user
        semantic ID embedding when ``use_profiles=False``).
 
     **Cost.** A training step is linear in nodes and edges: :math:`O(L_{ui}
-    E d + L_{ii} k I d + I \sum_m d_m d + R (I + U_b) M d^2 + B^2 d)`, where
+    E d + L_{ii} k I d + I \sum_m d_m d + R (I + U_b) M d^2 + C^2 d)`, with
+    :math:`C = \min(B, \text{cl\_max\_nodes})` the InfoNCE set size, where
     :math:`U_b \le B` is the number of unique users of the batch: the user
     semantic view only enters the loss through the batch's users, so RCA runs
     on all items but only on those users (:meth:`embeddings` runs it on all
