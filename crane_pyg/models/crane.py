@@ -195,6 +195,12 @@ class CRANE(Recommender):
             :obj:`None`: every unique node. (default: ``512``)
         temperature (float): :math:`\tau` of InfoNCE. (default: ``0.2``)
         lambda_reg (float): :math:`\lambda_{reg}`. (default: ``1e-4``)
+        content_reg (float): :math:`\lambda_{c}`, an L2 penalty
+            :math:`\tfrac{\lambda_c}{2} \sum_W \lVert W \rVert_F^2` on the
+            weight matrices of the modality encoders and of RCA, added to
+            every step's loss (the ID L2 term only regularises the batch's
+            embeddings; without this the content branch is free to memorise
+            items). ``0`` disables it. (default: ``0.0``)
         semantic_scale (float, optional): when set, every row of the
             semantic view is L2-normalised and multiplied by this factor,
             :math:`\mathbf{h} \leftarrow s\,\mathbf{h}/\lVert\mathbf{h}\rVert`,
@@ -248,6 +254,7 @@ class CRANE(Recommender):
         cl_max_nodes: Optional[int] = 512,
         temperature: float = 0.2,
         lambda_reg: float = 1e-4,
+        content_reg: float = 0.0,
         semantic_scale: Optional[float] = 0.2,
         use_rca: bool = True,
         use_profiles: bool = True,
@@ -274,6 +281,7 @@ class CRANE(Recommender):
             check_int(name, 'cl_max_nodes', cl_max_nodes, 2)
         check_float(name, 'temperature', temperature, 1e-12)
         check_float(name, 'lambda_reg', lambda_reg)
+        check_float(name, 'content_reg', content_reg)
         if semantic_scale is not None:
             check_float(name, 'semantic_scale', semantic_scale)
             if not semantic_scale > 0:
@@ -309,6 +317,7 @@ class CRANE(Recommender):
         self.lambda_cl = float(lambda_cl)
         self.cl_max_nodes = None if cl_max_nodes is None else int(cl_max_nodes)
         self.lambda_reg = float(lambda_reg)
+        self.content_reg = float(content_reg)
         self.semantic_scale = None if semantic_scale is None else float(semantic_scale)
         self.use_rca = bool(use_rca)
         self.use_profiles = bool(use_profiles)
@@ -620,6 +629,12 @@ class CRANE(Recommender):
             reg = self.lambda_reg * self.l2(*ego)
             total = total + reg
             parts['reg'] = reg.item()
+        if self.content_reg > 0:
+            weights = [p for module in (self.encoders, self.rca)
+                       for name, p in module.named_parameters() if name.endswith('weight')]
+            creg = 0.5 * self.content_reg * sum(w.pow(2).sum() for w in weights)
+            total = total + creg
+            parts['content_reg'] = creg.item()
         return total, parts
 
     def _cl_subset(self, nodes: Tensor) -> Tensor:
@@ -635,5 +650,6 @@ class CRANE(Recommender):
                 f'embedding_dim={self.embedding_dim}, user_semantic={self.user_semantic!r}, '
                 f'fusion={self.fusion!r}, lambda_cl={self.lambda_cl}, '
                 f'cl_max_nodes={self.cl_max_nodes}, '
-                f'lambda_reg={self.lambda_reg}, edge_dropout={self.edge_dropout}, '
+                f'lambda_reg={self.lambda_reg}, content_reg={self.content_reg}, '
+                f'edge_dropout={self.edge_dropout}, '
                 f'graph_rebuild_every={self.graph_rebuild_every}')

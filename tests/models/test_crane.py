@@ -263,6 +263,24 @@ def test_cl_max_nodes_subsamples_the_contrastive_sets(knn_data):
         _model(knn_data, cl_max_nodes=1)
 
 
+def test_content_reg_is_l2_on_encoder_and_rca_weights(knn_data):
+    plain = _model(knn_data, lambda_cl=0.0)
+    reg = _model(knn_data, lambda_cl=0.0, content_reg=0.05)
+    reg.load_state_dict(plain.state_dict())
+    batch = _batch(knn_data)
+    loss_plain, _ = plain.loss(*batch)
+    loss_reg, parts = reg.loss(*batch)
+    weights = [reg.encoders[m].weight for m in range(len(reg.encoders))]
+    block = reg.rca.blocks[0]
+    weights += [block.lin_j.weight, block.lin_q.weight, block.lin_k.weight,
+                block.lin_v.weight, block.lin_o.weight, reg.rca.lin_z.weight]
+    expected = 0.5 * 0.05 * sum(w.detach().pow(2).sum() for w in weights)
+    assert parts['content_reg'] == pytest.approx(expected.item(), rel=1e-5)
+    assert loss_reg.item() == pytest.approx(loss_plain.item() + expected.item(), rel=1e-5)
+    loss_reg.backward()  # the penalty's gradient reaches the encoder weights
+    assert reg.encoders[0].weight.grad is not None and reg.encoders[0].bias.grad is not None
+
+
 def test_lambda_cl_zero_disables_the_contrastive_term(knn_data):
     model = _model(knn_data, lambda_cl=0.0)
     _, parts = model.loss(*_batch(knn_data))
