@@ -155,11 +155,12 @@ def main(argv=None) -> Dict[str, Any]:
     # -- one full-ranking evaluation -------------------------------------
     model.eval()
     store = data[USER_ITEM]
-    full_users = int(torch.unique(store.val_edge_index[0]).numel())
+    evaluator = FullRankingEvaluator(data, 'valid', batch_size=1024, device=device)
+    full_users = evaluator.num_users  # the users a full evaluation ranks for
     if args.max_eval_users:
         keep = store.val_edge_index[0] < args.max_eval_users
         store.val_edge_index = store.val_edge_index[:, keep]
-    evaluator = FullRankingEvaluator(data, 'valid', batch_size=1024, device=device)
+        evaluator = FullRankingEvaluator(data, 'valid', batch_size=1024, device=device)
     synchronize(device)
     t0 = time.perf_counter()
     with torch.no_grad():
