@@ -381,7 +381,8 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         reset_peak_memory(self.device)
         cfg = self.config
-        configure_reproducibility(cfg.seed, cfg.deterministic, cfg.num_threads)
+        configure_reproducibility(cfg.seed, cfg.deterministic, cfg.num_threads,
+                                  cfg.flush_denormal)
         last = self.output_dir / LAST
         resuming = self.resume and last.is_file()
         if self.distributed is not None and self.world_size > 1:
@@ -703,7 +704,8 @@ def run_single(config: ExperimentConfig, output_dir: str | os.PathLike, *,
     ``distributed`` (a :class:`~crane_pyg.train.distributed.DistributedContext`)
     makes it one rank of a data-parallel run (only rank 0 writes files)."""
     train = config.train
-    configure_reproducibility(train.seed, train.deterministic, train.num_threads)
+    configure_reproducibility(train.seed, train.deterministic, train.num_threads,
+                              train.flush_denormal)
     if data is None:
         data = load_dataset(config.dataset)
     registry = config.registry

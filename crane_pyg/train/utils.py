@@ -97,7 +97,8 @@ def seed_everything(seed: int) -> None:
 
 
 def configure_reproducibility(seed: int, deterministic: bool = False,
-                              num_threads: int | None = None) -> None:
+                              num_threads: int | None = None,
+                              flush_denormal: bool | None = None) -> None:
     """Seed every generator and, optionally, switch torch to deterministic kernels.
 
     Args:
@@ -108,6 +109,9 @@ def configure_reproducibility(seed: int, deterministic: bool = False,
             run is bit-for-bit repeatable on the same machine.
         num_threads: number of intra-op CPU threads (``torch.set_num_threads``);
             ``None`` leaves torch's default unless ``deterministic`` is set.
+        flush_denormal: ``torch.set_flush_denormal`` (CPU: denormal floats
+            become zero, avoiding very slow arithmetic on them); ``None``
+            leaves the setting as it is.
     """
     if deterministic:
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
@@ -118,6 +122,8 @@ def configure_reproducibility(seed: int, deterministic: bool = False,
             num_threads = 1
     if num_threads is not None:
         torch.set_num_threads(num_threads)
+    if flush_denormal is not None:
+        torch.set_flush_denormal(bool(flush_denormal))  # False where unsupported
     seed_everything(seed)
 
 

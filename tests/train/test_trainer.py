@@ -403,3 +403,20 @@ def test_deterministic_mode_fixes_kernels_threads_and_seeds():
     finally:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
         torch.set_num_threads(threads)
+
+
+def test_flush_denormal_option():
+    """``train.flush_denormal`` (default on) makes CPU arithmetic flush denormal
+    floats to zero; off keeps them."""
+    from crane_pyg.train import TrainConfig
+    from crane_pyg.train.utils import configure_reproducibility
+    assert TrainConfig().flush_denormal is True
+    try:
+        configure_reproducibility(0, flush_denormal=False)
+        tiny = torch.tensor([1e-39], dtype=torch.float32)  # a float32 denormal
+        assert (tiny * 1.0).item() != 0.0
+        configure_reproducibility(0, flush_denormal=True)
+        if torch.set_flush_denormal(True):  # supported on this CPU (x86 with SSE3)
+            assert (tiny * 1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)
