@@ -22,7 +22,6 @@ their fitted slopes (over the largest 3 points).
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
     make_parser, save_figure, baseline_rss_mb, environment, loglog_slope, measure_point,
-    peak_memory_mb, reset_peak, resolve_device, synchronize, write_json,
+    peak_memory_mb, reset_peak, resolve_device, synchronize, write_json, run_child_point,
 )
 
 
@@ -99,11 +98,8 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument('--heads', type=int, default=1)
     parser.add_argument('--cap-gb', type=float, default=6.0,
                         help='skip all-items points predicted above this')
-    parser.add_argument('--quick', action='store_true', help='tiny sizes (smoke test)')
-    parser.add_argument('--timeout', type=float, default=600)
     args = parser.parse_args(argv)
-    if args._point is not None:
-        print(json.dumps(run_point(json.loads(args._point))))
+    if run_child_point(args, run_point):
         return {}
     device = resolve_device(args.device)
     rca_sizes = [200, 400] if args.quick else [int(n) for n in args.rca_sizes]

@@ -15,7 +15,6 @@ subprocess (peak ``ru_maxrss``; CUDA: ``max_memory_allocated``) unless
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
     make_parser, save_figure, baseline_rss_mb, environment, loglog_slope, measure_point,
     peak_memory_mb, power_law_graph, reset_peak, resolve_device, time_fn, write_json,
+    run_child_point,
 )
 
 
@@ -94,11 +94,8 @@ def main(argv=None) -> Dict[str, Any]:
                         help='U = E / density, I = E / (2 density)')
     parser.add_argument('--backends', nargs='+', default=None,
                         help='subset of crane_pyg.nn.available_backends()')
-    parser.add_argument('--quick', action='store_true', help='tiny sizes (smoke test)')
-    parser.add_argument('--timeout', type=float, default=600)
     args = parser.parse_args(argv)
-    if args._point is not None:
-        print(json.dumps(run_point(json.loads(args._point))))
+    if run_child_point(args, run_point):
         return {}
     from crane_pyg.nn import available_backends
     device = resolve_device(args.device)

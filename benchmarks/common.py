@@ -36,7 +36,7 @@ __all__ = [
     'reset_peak', 'peak_memory_mb', 'run_subprocess_point', 'measure_point',
     'baseline_rss_mb', 'current_rss_mb', 'reset_peak_rss', 'write_json',
     'loglog_slope', 'power_law_graph', 'random_item_graph', 'make_heterodata',
-    'environment', 'add_common_args',
+    'environment', 'add_common_args', 'make_parser', 'train_epoch', 'run_child_point',
 ]
 
 
@@ -56,6 +56,32 @@ def resolve_device(name: str) -> torch.device:
 def synchronize(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
+
+
+def train_epoch(model: Any, optimizer: torch.optim.Optimizer, sampler: Any, epoch: int,
+                batch_size: int, device: torch.device,
+                max_batches: Optional[int] = None) -> Dict[str, Any]:
+    r"""One training epoch as :class:`~crane_pyg.train.Trainer` runs it:
+    ``on_epoch_start``, then for every batch of the BPR sampler (sampling
+    included) ``zero_grad``, ``loss``, ``backward`` and an optimizer step;
+    only the first :obj:`max_batches` batches when given. Returns the wall
+    time (``'seconds'``, device synchronised) and ``'batches'`` run."""
+    model.train()
+    synchronize(device)
+    start = time.perf_counter()
+    model.on_epoch_start(epoch)
+    done = 0
+    for users, pos, neg in sampler.batches(epoch, batch_size):
+        if done == max_batches:
+            break
+        users, pos, neg = users.to(device), pos.to(device), neg.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = model.loss(users, pos, neg)
+        loss.backward()
+        optimizer.step()
+        done += 1
+    synchronize(device)
+    return {'seconds': time.perf_counter() - start, 'batches': done}
 
 
 def summarize(samples: Sequence[float]) -> Dict[str, Any]:
@@ -268,17 +294,30 @@ def save_figure(fig, path) -> None:
     plt.close(fig)
 
 
-def make_parser(doc: str, default_output: str):
+def run_child_point(args: Any, run_point: Callable[[Dict[str, Any]], Dict[str, Any]]) -> bool:
+    r"""The child side of :func:`run_subprocess_point`: when this process was
+    started for one point (``--_point JSON``), runs it, prints its result as
+    JSON and returns :obj:`True` (the caller then returns); else
+    :obj:`False`."""
+    if args._point is None:
+        return False
+    print(json.dumps(run_point(json.loads(args._point))))
+    return True
+
+
+def make_parser(doc: str, default_output: str, quick_help: str = 'tiny sizes (smoke test)',
+                timeout: float = 600.0):
     """An argument parser described by the first paragraph of :obj:`doc`,
     with the options every benchmark shares (:func:`add_common_args`)."""
     import argparse
     parser = argparse.ArgumentParser(description=doc.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, default_output)
+    add_common_args(parser, default_output, quick_help, timeout)
     return parser
 
 
-def add_common_args(parser, default_output: str) -> None:
+def add_common_args(parser, default_output: str, quick_help: str = 'tiny sizes (smoke test)',
+                    timeout: float = 600.0) -> None:
     parser.add_argument('--device', choices=('cpu', 'cuda', 'auto'), default='auto')
     parser.add_argument('--output', default=str(RESULTS_DIR / default_output),
                         help='JSON path (the PNG goes beside it, same stem)')
@@ -287,6 +326,9 @@ def add_common_args(parser, default_output: str) -> None:
     parser.add_argument('--in-process', action='store_true',
                         help='run every point in this process (fast; peak memory is '
                              'then cumulative, not per point)')
+    parser.add_argument('--quick', action='store_true', help=quick_help)
+    parser.add_argument('--timeout', type=float, default=timeout,
+                        help='seconds per point (default: %(default)s)')
     parser.add_argument('--_point', default=None, help=SUPPRESS_HELP)
 
 

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
     environment, make_heterodata, peak_memory_mb, random_item_graph, resolve_device,
-    synchronize, write_json, RESULTS_DIR,
+    synchronize, train_epoch, write_json, RESULTS_DIR,
 )
 
 ELECTRONICS = {'users': 192403, 'items': 63001, 'interactions': 1689188,
@@ -128,21 +128,8 @@ def main(argv=None) -> Dict[str, Any]:
     sampler = BPRSampler(edge_index, U, I, seed=args.seed, device=device)
     num_batches = sampler.num_batches(args.batch_size)
     limit = min(args.max_batches or num_batches, num_batches)
-    model.train()
-    model.on_epoch_start(0)
-    synchronize(device)
-    t0 = time.perf_counter()
-    done = 0
-    for users, pos, neg in sampler.batches(0, args.batch_size):
-        if done == limit:
-            break
-        opt.zero_grad(set_to_none=True)
-        loss, _ = model.loss(users, pos, neg)
-        loss.backward()
-        opt.step()
-        done += 1
-    synchronize(device)
-    t_train = time.perf_counter() - t0
+    epoch = train_epoch(model, opt, sampler, 0, args.batch_size, device, max_batches=limit)
+    t_train, done = epoch['seconds'], epoch['batches']
     if done < num_batches:
         stage_done('train_epoch', t_train * num_batches / done, extrapolated=True,
                    measured_batches=done, num_batches=num_batches, measured_time_s=t_train,

@@ -38,7 +38,6 @@ the encoders and RCA, nodes of the user-item subgraph, ...).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -50,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
     baseline_rss_mb, current_rss_mb, environment, loglog_slope, make_heterodata,
     make_parser, measure_point, peak_memory_mb, peak_rss_mb, random_item_graph,
-    reset_peak, reset_peak_rss, resolve_device, save_figure, time_fn, write_json,
+    reset_peak, reset_peak_rss, resolve_device, save_figure, time_fn, write_json, run_child_point,
 )
 from benchmarks.memory_linear import FEATURES  # noqa: E402
 
@@ -224,18 +223,15 @@ def plot(result: Dict[str, Any], path: Path) -> None:
 
 
 def main(argv=None) -> Dict[str, Any]:
-    parser = make_parser(__doc__, 'minibatch_memory.json')
+    parser = make_parser(__doc__, 'minibatch_memory.json', timeout=1800,
+                         quick_help=f"tiny grid (smoke test): N = {QUICK['sizes']}, "
+                                    f"d = {QUICK['d']}, batch {QUICK['batch_size']}")
     parser.add_argument('--sizes', type=int, nargs='+', default=[25000, 50000, 100000, 200000],
                         help='N: users = items = N')
     parser.add_argument('--d', type=int, default=64, help='embedding size')
     parser.add_argument('--batch-size', type=int, default=2048)
-    parser.add_argument('--quick', action='store_true',
-                        help=f"tiny grid (smoke test): N = {QUICK['sizes']}, d = {QUICK['d']}, "
-                             f"batch {QUICK['batch_size']}")
-    parser.add_argument('--timeout', type=float, default=1800, help='seconds per point')
     args = parser.parse_args(argv)
-    if args._point is not None:
-        print(json.dumps(run_point(json.loads(args._point))))
+    if run_child_point(args, run_point):
         return {}
     if args.repeats < 3:
         raise SystemExit(f'--repeats must be >= 3 (got {args.repeats})')

@@ -39,7 +39,6 @@ predicts for the parts it governs.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
     make_parser, save_figure, baseline_rss_mb, environment, loglog_slope, make_heterodata,
     measure_point, peak_memory_mb, random_item_graph, reset_peak, resolve_device,
-    summarize, synchronize, write_json,
+    summarize, synchronize, write_json, run_child_point,
 )
 
 PARTS = ('sampling', 'encoders', 'profiles', 'rca', 'ii_prop', 'ui_prop', 'loss_backward')
@@ -262,7 +261,6 @@ def plot(result: Dict[str, Any], path: Path) -> None:
 def main(argv=None) -> Dict[str, Any]:
     parser = make_parser(__doc__, 'scalability.json')
     parser.add_argument('--axes', nargs='+', default=list(GRID), choices=list(GRID))
-    parser.add_argument('--quick', action='store_true', help='tiny sizes (smoke test)')
     parser.add_argument('--scale', type=float, default=1.0,
                         help='multiplies the N and E grids and base values')
     parser.add_argument('--points', type=int, default=None,
@@ -270,7 +268,6 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument('--batch-size', type=int, default=2048)
     parser.add_argument('--fit-last', type=int, default=3,
                         help='fit the slope over this many largest points')
-    parser.add_argument('--timeout', type=float, default=600, help='per point, seconds')
     parser.add_argument('--threads', type=int, default=1,
                         help='torch CPU threads per point (default: %(default)s: one '
                              'thread keeps fixed per-operation overheads small against '
@@ -283,8 +280,7 @@ def main(argv=None) -> Dict[str, Any]:
                         help='replace the base value of one axis (after --scale), e.g. '
                              'N=96000 (repeatable)')
     args = parser.parse_args(argv)
-    if args._point is not None:
-        print(json.dumps(run_point(json.loads(args._point))))
+    if run_child_point(args, run_point):
         return {}
 
     device = resolve_device(args.device)

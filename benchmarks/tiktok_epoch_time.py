@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, environment, resolve_device, summarize, synchronize, write_json  # noqa: E402,E501
+from common import (RESULTS_DIR, environment, resolve_device, summarize, synchronize,  # noqa: E402
+                    train_epoch, write_json)
 
 import torch  # noqa: E402
 
@@ -38,24 +39,6 @@ from crane_pyg.metrics import FullRankingEvaluator  # noqa: E402
 from crane_pyg.models import CRANE, FREEDOM, LightGCN  # noqa: E402
 
 MODELS = {'crane': CRANE, 'freedom': FREEDOM, 'lightgcn': LightGCN}
-
-
-def train_epoch(model: Any, optimizer: torch.optim.Optimizer, sampler: BPRSampler,
-                epoch: int, batch_size: int, device: torch.device) -> Dict[str, float]:
-    model.train()
-    synchronize(device)
-    start = time.perf_counter()
-    model.on_epoch_start(epoch)
-    num_batches = 0
-    for users, pos, neg in sampler.batches(epoch, batch_size):
-        users, pos, neg = users.to(device), pos.to(device), neg.to(device)
-        optimizer.zero_grad(set_to_none=True)
-        loss, _ = model.loss(users, pos, neg)
-        loss.backward()
-        optimizer.step()
-        num_batches += 1
-    synchronize(device)
-    return {'seconds': time.perf_counter() - start, 'batches': num_batches}
 
 
 @torch.no_grad()

@@ -616,8 +616,9 @@ class CRANE(Recommender):
 
         if self.lambda_cl > 0:
             keep = self._cl_subset(torch.arange(e_user.size(0), device=e_user.device))
-            cl = self.lambda_cl * (self.info_nce(e_user.index_select(0, keep),
-                                                 h_user.index_select(0, keep))
+            e_cl, h_cl = ((e_user, h_user) if keep.numel() == e_user.size(0) else
+                          (e_user.index_select(0, keep), h_user.index_select(0, keep)))
+            cl = self.lambda_cl * (self.info_nce(e_cl, h_cl)
                                    + self.info_nce(e_rows[2 * size:], h_rows[2 * size:]))
             total = total + cl
             parts['cl'] = cl.item()

@@ -97,10 +97,18 @@ class LightGCN(Recommender):
         user_emb, item_emb = self.embeddings()
         u = user_emb.index_select(0, users)
         pos, neg = item_emb.index_select(0, pos_items), item_emb.index_select(0, neg_items)
+        return self.objective(users, pos_items, neg_items, u, pos, neg)
+
+    def objective(self, users: Tensor, pos_items: Tensor, neg_items: Tensor, u: Tensor,
+                  pos: Tensor, neg: Tensor) -> Tuple[Tensor, Dict[str, float]]:
+        r"""BPR + :math:`\lambda` L2 from the final embeddings ``u``, ``pos``,
+        ``neg`` (``[B, d]`` each) of the batch, however they were computed (on
+        the full graph by :meth:`loss`, on a sampled subgraph by
+        :class:`~crane_pyg.train.MiniBatchLightGCN`)."""
         bpr = self.bpr((u * pos).sum(-1), (u * neg).sum(-1))
         reg = self.reg_weight * self.l2(self.user_embedding(users),
-                                                  self.item_embedding(pos_items),
-                                                  self.item_embedding(neg_items))
+                                        self.item_embedding(pos_items),
+                                        self.item_embedding(neg_items))
         return bpr + reg, {'bpr': bpr.item(), 'reg': reg.item()}
 
     def extra_repr(self) -> str:

@@ -271,11 +271,7 @@ class MiniBatchLightGCN(nn.Module):
         emb = self.subgraph_embeddings(seeds)
         B = users.numel()
         u, pos, neg = (emb.index_select(0, inverse[j * B:(j + 1) * B]) for j in range(3))
-        bpr = model.bpr((u * pos).sum(-1), (u * neg).sum(-1))
-        reg = model.reg_weight * model.l2(model.user_embedding(users),
-                                          model.item_embedding(pos_items),
-                                          model.item_embedding(neg_items))
-        return bpr + reg, {'bpr': bpr.item(), 'reg': reg.item()}
+        return model.objective(users, pos_items, neg_items, u, pos, neg)
 
     def extra_repr(self) -> str:
         return f'num_neighbors={self.sampler.num_neighbors}'
