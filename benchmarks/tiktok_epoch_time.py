@@ -9,11 +9,25 @@ ratio of medians CRANE / FREEDOM. An epoch is what
 batch of the :class:`~crane_pyg.data.BPRSampler` (sampling included)
 ``zero_grad``, ``loss``, ``backward`` and an Adam step. The validation pass is
 ``embeddings()`` plus full ranking with
-:class:`~crane_pyg.metrics.FullRankingEvaluator`.
+:class:`~crane_pyg.metrics.FullRankingEvaluator` (after one untimed pass, so
+that a compiled model's no-gradient graph is compiled before the clock runs).
+
+``crane-compiled`` is CRANE with ``train.compile`` (its RCA module compiled by
+:func:`torch.compile`); its compilation happens in the warm-up epoch and is
+reported apart as ``compile_seconds``.
+
+``--breakdown`` adds where the time of one training step goes (milliseconds,
+median of repeated calls on one batch): each part of CRANE timed alone,
+forward plus backward (the behavioural view, the modality encoders, RCA, the
+rest of the semantic view, the loss terms and the optimizer), FREEDOM's and
+LightGCN's whole step, and RCA's *matrix-product floor*: the time of the dense
+products RCA's forward and backward need at this size (weights and inputs
+of the same shapes, nothing else), a lower bound for any implementation of
+those equations on this machine.
 
 Usage::
 
-    python benchmarks/tiktok_epoch_time.py --threads 1 --epochs 3
+    python benchmarks/tiktok_epoch_time.py --threads 2 --epochs 3 --breakdown
 
 Writes ``benchmarks/results/tiktok_epoch_time.json`` and ``.png``.
 """
@@ -25,7 +39,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RESULTS_DIR, environment, resolve_device, summarize, synchronize,  # noqa: E402
@@ -38,7 +52,7 @@ from crane_pyg.data.sampler import BPRSampler  # noqa: E402
 from crane_pyg.metrics import FullRankingEvaluator  # noqa: E402
 from crane_pyg.models import CRANE, FREEDOM, LightGCN  # noqa: E402
 
-MODELS = {'crane': CRANE, 'freedom': FREEDOM, 'lightgcn': LightGCN}
+MODELS = {'crane': CRANE, 'crane-compiled': CRANE, 'freedom': FREEDOM, 'lightgcn': LightGCN}
 
 
 @torch.no_grad()
@@ -58,7 +72,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument('--data-root', default='/work/shared/data',
                         help='folder holding tiktok/ (default: %(default)s)')
     parser.add_argument('--dataset', default='tiktok')
-    parser.add_argument('--models', default='crane,freedom,lightgcn')
+    parser.add_argument('--models', default='crane,crane-compiled,freedom,lightgcn')
     parser.add_argument('--epochs', type=int, default=3,
                         help='timed epochs per model, >= 3 (default: %(default)s)')
     parser.add_argument('--warmup', type=int, default=1,
@@ -68,6 +82,10 @@ def main(argv: List[str] | None = None) -> int:
                         help='torch CPU threads (default: %(default)s)')
     parser.add_argument('--device', default='cpu', help='cpu, cuda or auto')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--breakdown', action='store_true',
+                        help='also time the parts of one training step (see above)')
+    parser.add_argument('--breakdown-repeats', type=int, default=15,
+                        help='timed calls per part (default: %(default)s)')
     parser.add_argument('--output', default=str(RESULTS_DIR / 'tiktok_epoch_time.json'))
     args = parser.parse_args(argv)
     if args.epochs < 3:
@@ -89,40 +107,159 @@ def main(argv: List[str] | None = None) -> int:
     for name in names:
         torch.manual_seed(args.seed)
         models[name] = MODELS[name].from_data(data).to(device)
+        if name.endswith('-compiled'):
+            models[name].compile_modules()
         optimizers[name] = torch.optim.Adam(models[name].parameters(), lr=1e-3)
 
     epochs: Dict[str, List[float]] = {n: [] for n in names}
+    warmup: Dict[str, List[float]] = {n: [] for n in names}
     num_batches = 0
     for epoch in range(args.warmup + args.epochs):
         for name in names:  # interleaved: every model sees the same machine state
             out = train_epoch(models[name], optimizers[name], sampler, epoch,
                               args.batch_size, device)
             num_batches = out['batches']
-            if epoch >= args.warmup:
-                epochs[name].append(out['seconds'])
-            print(f'epoch {epoch} {name:9s} {out["seconds"]:7.2f} s'
+            (epochs if epoch >= args.warmup else warmup)[name].append(out['seconds'])
+            print(f'epoch {epoch} {name:14s} {out["seconds"]:7.2f} s'
                   + ('' if epoch >= args.warmup else ' (warm-up)'), flush=True)
-    valid = {name: validate(models[name], evaluator, device) for name in names}
+    valid = {}
+    for name in names:
+        untimed = validate(models[name], evaluator, device)  # compiles a compiled model
+        valid[name] = validate(models[name], evaluator, device)
+        valid[name]['first_pass_seconds'] = untimed['seconds']
 
     result: Dict[str, Any] = {
         'dataset': args.dataset, 'batch_size': args.batch_size,
         'batches_per_epoch': num_batches, 'epochs_timed': args.epochs,
         'warmup_epochs': args.warmup, 'interleaved': True,
-        'models': {name: {'options': 'defaults', 'epoch_seconds': summarize(epochs[name]),
+        'models': {name: {'options': ('defaults, compile_modules()' if name.endswith('-compiled')
+                                      else 'defaults'),
+                          'epoch_seconds': summarize(epochs[name]),
                           'ms_per_batch': 1000 * statistics.median(epochs[name]) / num_batches,
                           'validation': valid[name]}
                    for name in names},
         'environment': environment(device),
     }
-    if 'crane' in names and 'freedom' in names:
-        result['ratio_crane_over_freedom'] = (
-            statistics.median(epochs['crane']) / statistics.median(epochs['freedom']))
-        print(f"CRANE / FREEDOM epoch time: {result['ratio_crane_over_freedom']:.2f}")
+    for name in names:
+        if name.endswith('-compiled') and args.warmup > 0:
+            # the warm-up epochs minus as many ordinary epochs
+            extra = sum(warmup[name]) - args.warmup * statistics.median(epochs[name])
+            result['models'][name]['compile_seconds'] = extra
+    for name in ('crane', 'crane-compiled'):
+        if name in names and 'freedom' in names:
+            key = f"ratio_{name.replace('-', '_')}_over_freedom"
+            result[key] = statistics.median(epochs[name]) / statistics.median(epochs['freedom'])
+            print(f"{name} / freedom epoch time: {result[key]:.2f}")
+    if args.breakdown:
+        result['step_breakdown_ms'] = step_breakdown(data, sampler, args, device,
+                                                     compiled='crane-compiled' in names)
+        for name, parts in result['step_breakdown_ms'].items():
+            print(f'step breakdown {name}: ' + ', '.join(f'{k} {v:.1f}' for k, v in parts.items()))
     output = Path(args.output)
     write_json(result, output)
     plot(result, output.with_suffix('.png'))
     print(f'wrote {output} and {output.with_suffix(".png")}')
     return 0
+
+
+def _median_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    for _ in range(3):  # warm-up (and compilation)
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def rca_matmul_floor(rca: Any, num_nodes: int, device: torch.device, repeats: int) -> float:
+    r"""Milliseconds of the dense products of one forward + backward of
+    :obj:`rca` on :obj:`num_nodes` nodes: per recursion the joint map
+    ``[N, Md] x [Md, Td]``, the query and output maps ``[NM, d] x [d, d]``
+    (the associative form of
+    :class:`~crane_pyg.nn.rca.CrossModalAttentionBlock`), then ``W_Z``; each
+    forward product plus its two backward products (input and weight
+    gradients)."""
+    M, d, T = rca.num_modalities, rca.dim, rca.num_joint_tokens
+    shapes = [(num_nodes, M * d, T * d), (num_nodes * M, d, d),
+              (num_nodes * M, d, d)] * rca.num_recursions
+    if rca.lin_z is not None:
+        shapes.append((num_nodes, M * d, rca.out_dim))
+    mats = [(torch.randn(n, k, device=device), torch.randn(k, m, device=device),
+             torch.randn(n, m, device=device)) for n, k, m in shapes]
+
+    def products() -> None:
+        for x, w, grad in mats:
+            x @ w
+            grad @ w.t()
+            x.t() @ grad
+    return _median_ms(products, device, repeats)
+
+
+def step_breakdown(data: Any, sampler: Any, args: Any, device: torch.device,
+                   compiled: bool = True) -> Dict[str, Dict[str, float]]:
+    r"""Milliseconds of the parts of one training step on the first batch of
+    epoch 0 (see the module docstring), for CRANE (and ``crane-compiled`` when
+    :obj:`compiled`), FREEDOM and LightGCN."""
+    users, pos, neg = (t.to(device) for t in next(iter(sampler.batches(0, args.batch_size))))
+    repeats = args.breakdown_repeats
+    out: Dict[str, Dict[str, float]] = {}
+
+    def whole_step(model: Any, optimizer: Any) -> Callable[[], None]:
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = model.loss(users, pos, neg)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    for name in ('crane', 'crane-compiled') if compiled else ('crane',):
+        torch.manual_seed(args.seed)
+        model = CRANE.from_data(data).to(device).train()
+        if name.endswith('-compiled'):
+            model.compile_modules()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        batch_users = torch.unique(users)
+        x_item = model._encode_items().detach()
+        rca_input = torch.cat([x_item, model._profiles(x_item, batch_users).detach()])
+        rca_input.requires_grad_()
+
+        def backward(*tensors: torch.Tensor) -> None:
+            sum(t.sum() for t in tensors).backward()
+            model.zero_grad(set_to_none=True)
+
+        def loss_backward() -> None:
+            loss, _ = model.loss(users, pos, neg)
+            backward(loss)
+
+        parts = {
+            'step': _median_ms(whole_step(model, optimizer), device, repeats),
+            'loss_backward': _median_ms(loss_backward, device, repeats),
+            'behavioural': _median_ms(lambda: backward(*model.behavioural(True)), device,
+                                      repeats),
+            'semantic': _median_ms(lambda: backward(*model.semantic(batch_users)), device,
+                                   repeats),
+            'encoders': _median_ms(lambda: backward(model._encode_items()), device, repeats),
+            'rca': _median_ms(lambda: backward(model.rca(rca_input)), device, repeats),
+        }
+        parts['semantic_rest'] = parts['semantic'] - parts['encoders'] - parts['rca']
+        parts['objective_rest'] = (parts['loss_backward'] - parts['behavioural']
+                                   - parts['semantic'])
+        parts['optimizer'] = parts['step'] - parts['loss_backward']
+        parts['rca_rows'] = float(rca_input.size(0))
+        if name == 'crane':
+            parts['rca_matmul_floor'] = rca_matmul_floor(model.rca, rca_input.size(0),
+                                                         device, repeats)
+        out[name] = parts
+    for name in ('freedom', 'lightgcn'):
+        torch.manual_seed(args.seed)
+        model = MODELS[name].from_data(data).to(device).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        out[name] = {'step': _median_ms(whole_step(model, optimizer), device, repeats)}
+    return out
 
 
 def plot(result: Dict[str, Any], path: Path) -> None:
@@ -144,8 +281,11 @@ def plot(result: Dict[str, Any], path: Path) -> None:
     env = result['environment']
     title = f"{result['dataset']}: {result['batches_per_epoch']} batches, " \
             f"{env['torch_threads']} thread(s), {env['device']}"
-    if 'ratio_crane_over_freedom' in result:
-        title += f"\nCRANE / FREEDOM = {result['ratio_crane_over_freedom']:.2f}"
+    ratios = [f"{key[6:-13].replace('_', '-')} / freedom = {value:.2f}"
+              for key, value in result.items()
+              if key.startswith('ratio_') and key.endswith('_over_freedom')]
+    if ratios:
+        title += '\n' + ', '.join(ratios)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import (attention_memory, backends, common, electronics_scale,  # noqa: E402
-                        memory_linear, minibatch_memory, scalability)
+                        memory_linear, minibatch_memory, scalability, tiktok_epoch_time)
 
 
 def _is_timing(entry) -> bool:
@@ -197,3 +197,34 @@ def test_minibatch_memory_quick(tmp_path):
     assert len(res['summary']) == 4 * len(sizes)
     assert all('memory_saving' in r for r in res['summary'] if r['mode'] != 'full')
     assert out.with_suffix('.png').stat().st_size > 0
+
+
+def test_tiktok_epoch_time_on_synthetic_data(synthetic_root, tmp_path):
+    """The side-by-side epoch timer and its step breakdown, on the small
+    synthetic dataset (the script's real input is TikTok)."""
+    out = tmp_path / 't.json'
+    assert tiktok_epoch_time.main([
+        '--data-root', str(synthetic_root.parent), '--dataset', synthetic_root.name,
+        '--models', 'crane,freedom', '--epochs', '3', '--warmup', '0', '--batch-size', '512',
+        '--breakdown', '--breakdown-repeats', '1', '--output', str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert out.with_suffix('.png').is_file()
+    models = saved['models']
+    assert set(models) == {'crane', 'freedom'}
+    for entry in models.values():
+        assert _is_timing(entry['epoch_seconds'])
+        assert 0.0 <= entry['validation']['recall@20'] <= 1.0
+    assert saved['ratio_crane_over_freedom'] == pytest.approx(
+        models['crane']['epoch_seconds']['median'] / models['freedom']['epoch_seconds']['median'])
+    parts = saved['step_breakdown_ms']
+    assert set(parts) == {'crane', 'freedom', 'lightgcn'}
+    crane = parts['crane']
+    assert crane['semantic_rest'] == pytest.approx(
+        crane['semantic'] - crane['encoders'] - crane['rca'])
+    assert crane['optimizer'] == pytest.approx(crane['step'] - crane['loss_backward'])
+    # RCA runs on every item and the first batch's unique users
+    from crane_pyg.data import BPRSampler, load_mmrec
+    data = load_mmrec(synthetic_root)
+    users = next(iter(BPRSampler.from_data(data, seed=0).batches(0, 512)))[0]
+    assert crane['rca_rows'] == data['item'].num_nodes + torch.unique(users).numel()
+    assert crane['rca_matmul_floor'] > 0 and parts['freedom']['step'] > 0

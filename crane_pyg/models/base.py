@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABCMeta, abstractmethod
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -150,6 +150,17 @@ class Recommender(nn.Module, metaclass=ABCMeta):
     def on_epoch_start(self, epoch: int) -> None:
         r"""Per-epoch hook, called by the trainer before the first batch of
         epoch :obj:`epoch` (default: nothing)."""
+
+    def compile_modules(self, **kwargs: Any) -> List[str]:
+        r"""Compiles, in place with :meth:`torch.nn.Module.compile`, the
+        dense submodules that dominate a training step, and returns their
+        names (the trainer calls it when ``train.compile`` is set). Parameters,
+        ``state_dict`` keys and results (up to float rounding) are unchanged;
+        the first calls pay the compilation. :obj:`kwargs` go to
+        :func:`torch.compile`. The default compiles nothing: the baselines'
+        steps are sparse propagation and a few matrix products, with nothing
+        for the compiler to fuse."""
+        return []
 
     @abstractmethod
     def loss(self, users: Tensor, pos_items: Tensor,

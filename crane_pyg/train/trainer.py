@@ -74,7 +74,7 @@ GRID_SUMMARY = 'grid_summary'
 #: options that may differ between a checkpoint and the resumed run (they do
 #: not change the trajectory of the epochs already run)
 RESUMABLE_CHANGES = ('train.epochs', 'train.patience', 'train.device', 'train.eval_batch_size',
-                     'train.num_threads')
+                     'train.num_threads', 'train.compile')
 
 Callback = Callable[['Trainer', dict], None]
 
@@ -196,6 +196,14 @@ class Trainer:
         self.sampler = BPRSampler(store.edge_index, self.num_users, self.num_items,
                                   seed=config.seed, device=self.device,
                                   rank=self.rank, world_size=self.world_size)
+        if config.compile:
+            compiled = self.model.compile_modules()
+            if not self.quiet:
+                self._log(f'train.compile: compiled {", ".join(compiled)} of '
+                          f'{type(self.model).__name__} (torch.compile; the first steps '
+                          f'compile)' if compiled else
+                          f'train.compile: {type(self.model).__name__} has no module to '
+                          f'compile; running eagerly')
         if loss_module is None and config.num_neighbors is not None:
             from .minibatch import minibatch_loss_module  # TypeError: not CRANE/LightGCN
             loss_module = minibatch_loss_module(self.model, config.num_neighbors)

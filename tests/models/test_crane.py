@@ -482,3 +482,41 @@ def test_graph_rebuild_ignores_rca_dropout(knn_data):
     b.on_epoch_start(1)
     assert torch.equal(a.item_adj_index, b.item_adj_index)
     assert torch.equal(a.item_adj_weight, b.item_adj_weight)
+
+
+# ---------------------------------------------------------------------------
+# torch.compile of RCA (train.compile)
+# ---------------------------------------------------------------------------
+
+def test_compiled_rca_gives_the_eager_loss_gradients_and_embeddings(knn_data):
+    eager = _model(knn_data, lambda_cl=0.1)
+    compiled = copy.deepcopy(eager)
+    assert compiled.compile_modules() == ['rca']
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    # two batches with different numbers of unique users: one dynamic-shape graph
+    for size, seed in ((64, 0), (40, 1)):
+        users, pos, neg = _batch(knn_data, size=size, seed=seed)
+        losses = []
+        for model in (eager, compiled):
+            model.train()
+            model.zero_grad()
+            torch.manual_seed(seed)  # the same contrastive subsets
+            loss, _ = model.loss(users, pos, neg)
+            loss.backward()
+            losses.append(loss)
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        grads = dict(eager.named_parameters())
+        for name, p in compiled.named_parameters():
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f'{name}: {m}')
+    for model in (eager, compiled):
+        model.eval()
+    with torch.no_grad():
+        for a, b in zip(compiled.embeddings(), eager.embeddings()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_modules_without_recursions_compiles_nothing(knn_data):
+    model = _model(knn_data, num_recursions=0)
+    assert model.compile_modules() == []
+    assert model.rca._compiled_call_impl is None

@@ -420,3 +420,36 @@ def test_flush_denormal_option():
             assert (tiny * 1.0).item() == 0.0
     finally:
         torch.set_flush_denormal(False)
+
+
+class _CompilableMF(TinyMF):
+    """Records the trainer's call of :meth:`compile_modules` (compiling nothing)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.compile_calls = 0
+
+    def compile_modules(self, **kwargs):
+        self.compile_calls += 1
+        return ['user_tower']
+
+
+@pytest.mark.parametrize('model_cls,line', [
+    (_CompilableMF, 'train.compile: compiled user_tower of _CompilableMF'),
+    (TinyMF, 'train.compile: TinyMF has no module to compile; running eagerly'),
+])
+def test_compile_option_compiles_the_models_modules(synthetic_data, tmp_path, model_cls, line):
+    assert TrainConfig().compile is False
+    lines: list[str] = []
+    torch.manual_seed(0)
+    model = model_cls.from_data(synthetic_data)
+    trainer = Trainer(model, synthetic_data, tiny_config(compile=True, epochs=1), tmp_path,
+                      log=lines.append, plot=False)
+    assert line in lines[0]
+    if model_cls is _CompilableMF:
+        assert model.compile_calls == 1
+        off = _CompilableMF.from_data(synthetic_data)
+        Trainer(off, synthetic_data, tiny_config(epochs=1), tmp_path / 'off', quiet=True,
+                plot=False)
+        assert off.compile_calls == 0
+    assert trainer.fit()['status'] == 'completed'
