@@ -47,7 +47,7 @@ fi
 
 run 60 train_amazon examples/train_amazon.py --device "$device" --epochs 2 --quiet \
     --output "$out/train_amazon_smoke"
-run 100 tiktok_epoch_time benchmarks/tiktok_epoch_time.py --device "$device" \
+run 180 tiktok_epoch_time benchmarks/tiktok_epoch_time.py --device "$device" --breakdown \
     --data-root "$data" --epochs 5 --threads 8 --output "$out/tiktok_epoch_time.json"
 run 90 backends benchmarks/backends.py --device "$device" --in-process \
     --edges 2e5 8e5 3.2e6 --output "$out/backends.json"

@@ -189,9 +189,10 @@ class CRANE(Recommender):
             InfoNCE term, drawn uniformly without replacement in every step
             (from the global torch generator, so seeded runs repeat). InfoNCE
             costs :math:`O(n^2 d)` for :math:`n` nodes: with batch 2048 on
-            TikTok both sets hold ~1,900 nodes and the two terms took 44 of the
-            149 ms of a training step on 2 CPU cores; 512 nodes keep 511
-            in-batch negatives per node at a 14th of that cost.
+            TikTok the sets hold ~690 users and ~1,300 items and the two terms
+            took 44 of the 149 ms of a training step on 2 CPU cores; 512
+            nodes keep 511 in-batch negatives per node at about a quarter of
+            that cost.
             :obj:`None`: every unique node. (default: ``512``)
         temperature (float): :math:`\tau` of InfoNCE. (default: ``0.2``)
         lambda_reg (float): :math:`\lambda_{reg}`. (default: ``1e-4``)
@@ -455,11 +456,12 @@ class CRANE(Recommender):
         sum of :math:`M \times T` pairs per node, the activation and the
         residual), which eager mode runs as separate passes over memory; the
         compiler fuses them. On TikTok with 2 CPU threads this cut RCA's
-        forward + backward from 62 to 36 ms per step and a whole CRANE step
-        from 111 to 82 ms (``benchmarks/tiktok_epoch_time.py --compile``), at
-        a one-off cost of ~10-15 s of compilation in the first steps (and once
-        more for the first evaluation, which runs without gradients). Needs a
-        C++ compiler on CPU and Triton on CUDA."""
+        forward + backward from 55.0 to 33.9 ms per step, a whole CRANE step
+        from 100.8 to 79.5 ms and an epoch from 3.24 to 2.48 s
+        (``benchmarks/tiktok_epoch_time.py --breakdown``), at a one-off cost
+        of seconds of compilation in the first steps (4 s with torch's cache
+        warm, 23 s cold) and once more for the first evaluation, which runs
+        without gradients. Needs a C++ compiler on CPU and Triton on CUDA."""
         if self.rca.num_recursions == 0:
             return []
         self.rca.compile(**{'dynamic': True, **kwargs})

@@ -94,11 +94,12 @@ class InfoNCE(nn.Module):
                              f"{list(a.shape)} and {list(b.shape)}")
         a = F.normalize(a, dim=-1, eps=self.eps)
         b = F.normalize(b, dim=-1, eps=self.eps)
-        logits = a @ b.t() / self.temperature
-        target = torch.arange(a.size(0), device=a.device)
-        loss = F.cross_entropy(logits, target)
+        # Scale the [B, d] side, not the [B, B] logits, and take the column
+        # softmax along dim 0 rather than of a transposed (copied) matrix.
+        logits = (a / self.temperature) @ b.t()
+        loss = -torch.log_softmax(logits, dim=1).diagonal().mean()
         if self.symmetric:
-            loss = 0.5 * (loss + F.cross_entropy(logits.t(), target))
+            loss = 0.5 * (loss - torch.log_softmax(logits, dim=0).diagonal().mean())
         return loss
 
     def __repr__(self) -> str:

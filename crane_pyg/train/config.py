@@ -178,10 +178,11 @@ class TrainConfig:
         compile (bool): compile the model's dense hot spots with
             :func:`torch.compile` before training
             (:meth:`~crane_pyg.models.Recommender.compile_modules`; CRANE:
-            its RCA module, a TikTok training step 111 -> 82 ms on 2 CPU
-            cores; the baselines have nothing to compile and say so in the
-            log). Costs ~10-15 s of compilation at the start on CPU and needs
-            a C++ compiler (CPU) or Triton (CUDA). (default: :obj:`False`)
+            its RCA module: a TikTok epoch 3.24 -> 2.48 s on 2 CPU cores; the
+            baselines have nothing to compile and say so in the log). Costs
+            seconds of compilation at the start (23 s on 2 CPU cores with a
+            cold cache, 4 s warm) and needs a C++ compiler (CPU) or Triton (CUDA).
+            (default: :obj:`False`)
     """
     lr: float = 1e-3
     weight_decay: float = 0.0
