@@ -57,9 +57,9 @@ from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_check
 from .config import (ConfigError, DataConfig, ExperimentConfig, TrainConfig,
                      default_data_root, expand_grid, load_config)
 from .utils import (atomic_write, atomic_write_json, atomic_write_text,
-                    configure_reproducibility, get_rng_state, library_versions,
-                    peak_memory_mb, reset_peak_memory, resolve_device, set_rng_state,
-                    to_jsonable)
+                    compile_support_problem, configure_reproducibility, get_rng_state,
+                    library_versions, peak_memory_mb, reset_peak_memory, resolve_device,
+                    set_rng_state, to_jsonable)
 
 __all__ = ['Trainer', 'DatasetNotFoundError', 'load_dataset', 'locate_dataset', 'run_experiment',
            'run_single', 'run_grid', 'plot_curves', 'format_metrics_table',
@@ -198,6 +198,10 @@ class Trainer:
                                   rank=self.rank, world_size=self.world_size)
         if config.compile:
             compiled = self.model.compile_modules()
+            problem = compile_support_problem(self.device) if compiled else None
+            if problem is not None:
+                raise RuntimeError(f'train.compile: {problem}; set train.compile=false to run '
+                                   f'eagerly')
             if not self.quiet:
                 self._log(f'train.compile: compiled {", ".join(compiled)} of '
                           f'{type(self.model).__name__} (torch.compile; the first steps '

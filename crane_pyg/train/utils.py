@@ -174,6 +174,30 @@ def resolve_device(device: str) -> torch.device:
 # ---------------------------------------------------------------------------
 # memory and versions
 # ---------------------------------------------------------------------------
+def compile_support_problem(device: torch.device) -> str | None:
+    r"""Why :func:`torch.compile` (its default Inductor backend) cannot
+    generate code for :obj:`device`, or :obj:`None` when it can (or when this
+    torch does not say): CPU code needs a C++ compiler, CUDA code needs
+    Triton. Checked before training so that ``train.compile`` fails at once
+    with a clear message instead of in the first step."""
+    if device.type == 'cuda':
+        try:
+            from torch.utils._triton import has_triton
+        except ImportError:
+            return None
+        return None if has_triton() else 'torch.compile on CUDA needs Triton, which is not installed'
+    if device.type == 'cpu':
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+        except ImportError:
+            return None
+        try:
+            get_cpp_compiler()
+        except Exception as exc:  # InvalidCxxCompiler and friends
+            return f'torch.compile on CPU needs a C++ compiler ({type(exc).__name__}: {exc})'
+    return None
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Reset the CUDA peak-memory counter (the CPU peak cannot be reset)."""
     if device.type == 'cuda':

@@ -453,3 +453,23 @@ def test_compile_option_compiles_the_models_modules(synthetic_data, tmp_path, mo
                 plot=False)
         assert off.compile_calls == 0
     assert trainer.fit()['status'] == 'completed'
+
+
+def test_compile_without_a_cpp_compiler_fails_at_once(synthetic_data, tmp_path, monkeypatch):
+    """``train.compile`` checks that Inductor can generate code for the device
+    before training; without a C++ compiler (CPU) the trainer says so."""
+    import torch._inductor.cpp_builder as cpp_builder
+    from crane_pyg.train.utils import compile_support_problem
+    assert compile_support_problem(torch.device('cpu')) is None  # this machine has one
+
+    def no_compiler():
+        raise RuntimeError('no working C++ compiler found')
+    monkeypatch.setattr(cpp_builder, 'get_cpp_compiler', no_compiler)
+    problem = compile_support_problem(torch.device('cpu'))
+    assert 'needs a C++ compiler' in problem and 'no working C++ compiler' in problem
+    model = _CompilableMF.from_data(synthetic_data)
+    with pytest.raises(RuntimeError, match='train.compile: torch.compile on CPU needs a C'):
+        Trainer(model, synthetic_data, tiny_config(compile=True), tmp_path, quiet=True)
+    # nothing to compile: nothing to check
+    Trainer(TinyMF.from_data(synthetic_data), synthetic_data, tiny_config(compile=True),
+            tmp_path / 'mf', quiet=True)
