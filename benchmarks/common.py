@@ -17,7 +17,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -37,6 +36,7 @@ __all__ = [
     'baseline_rss_mb', 'current_rss_mb', 'reset_peak_rss', 'write_json',
     'loglog_slope', 'power_law_graph', 'random_item_graph', 'make_heterodata',
     'environment', 'add_common_args', 'make_parser', 'train_epoch', 'run_child_point',
+    'evaluate', 'child_env', 'save_figure',
 ]
 
 
@@ -45,7 +45,12 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 def resolve_device(name: str) -> torch.device:
-    r"""``'auto'`` -> CUDA when available, else CPU."""
+    r"""``'auto'`` -> CUDA when available, else CPU.
+
+    Not delegated to :func:`crane_pyg.train.utils.resolve_device`: importing
+    :mod:`crane_pyg.train` loads torch_geometric (~140 MiB), and a child's
+    ``ru_maxrss`` starts from its parent's peak, so a driver that called it
+    before :func:`baseline_rss_mb` would raise every baseline it measures."""
     if name == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if name == 'cuda' and not torch.cuda.is_available():
@@ -82,6 +87,21 @@ def train_epoch(model: Any, optimizer: torch.optim.Optimizer, sampler: Any, epoc
         done += 1
     synchronize(device)
     return {'seconds': time.perf_counter() - start, 'batches': done}
+
+
+@torch.no_grad()
+def evaluate(model: Any, evaluator: Any,
+             after_embeddings: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+    r"""One full-ranking evaluation without gradients: ``model.eval()``,
+    ``model.embeddings()`` once, then :obj:`evaluator` ranks every item for
+    its users (``model.score_all_items``); returns the metrics dict.
+    :obj:`after_embeddings` (optional) is called between the two, e.g. to
+    time the embeddings apart. Timing is the caller's."""
+    model.eval()
+    emb = model.embeddings()
+    if after_embeddings is not None:
+        after_embeddings()
+    return evaluator.evaluate(lambda users: model.score_all_items(users, emb))
 
 
 def summarize(samples: Sequence[float]) -> Dict[str, Any]:
@@ -181,10 +201,9 @@ def run_subprocess_point(script: Path, point: Dict[str, Any],
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
     cmd = [sys.executable, str(script), '--_point', json.dumps(point)]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get('PYTHONPATH', ''))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              preexec_fn=limit if memory_cap_mb else None, env=env)
+                              preexec_fn=limit if memory_cap_mb else None, env=child_env())
     except subprocess.TimeoutExpired:
         return {'status': 'failed', 'error': f'timeout after {timeout} s'}
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith('{')]
@@ -217,14 +236,22 @@ def measure_point(script: Path, run_point: Callable[[Dict[str, Any]], Dict[str, 
     return out
 
 
+def child_env() -> Dict[str, str]:
+    r"""This process's environment for a child interpreter, with the
+    repository root prepended to any existing ``PYTHONPATH`` (so that the
+    child imports this checkout's ``crane_pyg`` and ``benchmarks``)."""
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get('PYTHONPATH')]))
+    return env
+
+
 def baseline_rss_mb() -> float:
     r"""Peak RSS of a fresh interpreter that only imported torch and
     crane_pyg (subtract it to get what a point itself used)."""
     code = ('import resource, torch, crane_pyg; '
             'print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)')
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                         env=env, check=True)
+                         env=child_env(), check=True)
     rss = int(out.stdout.strip().splitlines()[-1])
     return rss / 2 ** 20 if platform.system() == 'Darwin' else rss / 1024
 
@@ -254,20 +281,11 @@ def environment(device: torch.device) -> Dict[str, Any]:
 
 
 def write_json(obj: Any, path: Path) -> None:
-    r"""Writes :obj:`obj` as JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as f:
-            json.dump(obj, f, indent=1, sort_keys=False)
-            f.write('\n')
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    r"""Writes :obj:`obj` as JSON atomically (temp file beside :obj:`path` +
+    rename, parent folders created):
+    :func:`crane_pyg.train.utils.atomic_write_json`."""
+    from crane_pyg.train.utils import atomic_write_json
+    atomic_write_json(path, obj)
 
 
 def loglog_slope(x: Sequence[float], y: Sequence[float],
@@ -286,11 +304,13 @@ def loglog_slope(x: Sequence[float], y: Sequence[float],
     return float(np.polyfit(lx, ly, 1)[0])
 
 
-def save_figure(fig, path) -> None:
-    """Lays out, writes (PNG, 110 dpi) and closes a matplotlib figure."""
+def save_figure(fig, path, dpi: int = 110) -> None:
+    """Lays out, writes (PNG, :obj:`dpi`; parent folders created) and closes
+    a matplotlib figure."""
     import matplotlib.pyplot as plt
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 

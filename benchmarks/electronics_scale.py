@@ -37,7 +37,7 @@ from typing import Any, Dict
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    environment, make_heterodata, peak_memory_mb, random_item_graph, resolve_device,
+    environment, evaluate, make_heterodata, peak_memory_mb, random_item_graph, resolve_device,
     synchronize, train_epoch, write_json, RESULTS_DIR,
 )
 
@@ -148,15 +148,18 @@ def main(argv=None) -> Dict[str, Any]:
         keep = store.val_edge_index[0] < args.max_eval_users
         store.val_edge_index = store.val_edge_index[:, keep]
         evaluator = FullRankingEvaluator(data, 'valid', batch_size=1024, device=device)
+    embeddings_done = []
+
+    def time_embeddings() -> None:
+        synchronize(device)
+        embeddings_done.append(time.perf_counter())
+
     synchronize(device)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        emb = model.embeddings()
-        synchronize(device)
-        t_emb = time.perf_counter() - t0
-        metrics = evaluator.evaluate(lambda u: model.score_all_items(u, emb))
+    metrics = evaluate(model, evaluator, after_embeddings=time_embeddings)
     synchronize(device)
     t_eval = time.perf_counter() - t0
+    t_emb = embeddings_done[0] - t0
     if evaluator.num_users < full_users:
         stage_done('evaluation', t_emb + (t_eval - t_emb) * full_users / evaluator.num_users,
                    extrapolated=True, measured_users=evaluator.num_users,

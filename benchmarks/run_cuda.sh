@@ -2,7 +2,7 @@
 # The benchmark suite on one CUDA device, as one call (this is how the GPU
 # figures in benchmarks/README.md and the README were produced).
 #
-#   bash benchmarks/run_cuda.sh [OUTPUT_DIR]      # default: benchmarks/results/cuda
+#   bash benchmarks/run_cuda.sh [OUTPUT_DIR]      # default: benchmarks/results/cuda_h100
 #
 # Environment: CRANE_DATA_ROOT (folder holding tiktok/, default ../shared/data),
 # PYTHON (default python3), DEVICE (default cuda; DEVICE=cpu QUICK=1 is the

@@ -47,8 +47,8 @@ from typing import Any, Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    make_parser, save_figure, baseline_rss_mb, environment, loglog_slope, make_heterodata,
-    measure_point, peak_memory_mb, random_item_graph, reset_peak, resolve_device,
+    make_parser, save_figure, baseline_rss_mb, environment, evaluate, loglog_slope,
+    make_heterodata, measure_point, peak_memory_mb, random_item_graph, reset_peak, resolve_device,
     summarize, synchronize, write_json, run_child_point,
 )
 
@@ -198,17 +198,11 @@ def _run_point(p: Dict[str, Any]) -> Dict[str, Any]:
     # full-ranking evaluation (embeddings once, then scoring in batches)
     model.eval()
     evaluator = FullRankingEvaluator(data, 'valid', batch_size=1024, device=device)
-
-    @torch.no_grad()
-    def evaluate():
-        emb = model.embeddings()
-        return evaluator.evaluate(lambda u: model.score_all_items(u, emb))
-
     eval_samples = []
     for rep in range(p['repeats'] + 1):
         synchronize(device)
         t0 = time.perf_counter()
-        evaluate()
+        evaluate(model, evaluator)
         synchronize(device)
         if rep > 0:
             eval_samples.append(time.perf_counter() - t0)

@@ -34,16 +34,18 @@ Writes ``benchmarks/results/tiktok_epoch_time.json`` and ``.png``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS_DIR, environment, resolve_device, summarize, synchronize,  # noqa: E402
-                    train_epoch, write_json)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR, environment, evaluate, resolve_device, save_figure, summarize, synchronize,
+    time_fn, train_epoch, write_json,
+)
 
 import torch  # noqa: E402
 
@@ -55,14 +57,30 @@ from crane_pyg.models import CRANE, FREEDOM, LightGCN  # noqa: E402
 MODELS = {'crane': CRANE, 'crane-compiled': CRANE, 'freedom': FREEDOM, 'lightgcn': LightGCN}
 
 
-@torch.no_grad()
+def is_compiled(name: str) -> bool:
+    r"""Whether the model :obj:`name` of :data:`MODELS` runs with
+    ``compile_modules()``."""
+    return name.endswith('-compiled')
+
+
+def build_model(name: str, data: Any, seed: int,
+                device: torch.device) -> Tuple[Any, torch.optim.Optimizer]:
+    r"""The model :obj:`name` of :data:`MODELS` with its default options,
+    built from :obj:`data` after ``torch.manual_seed(seed)`` and moved to
+    :obj:`device` (``compile_modules()`` called for a compiled name), and its
+    Adam optimizer (learning rate 1e-3)."""
+    torch.manual_seed(seed)
+    model = MODELS[name].from_data(data).to(device)
+    if is_compiled(name):
+        model.compile_modules()
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
 def validate(model: Any, evaluator: FullRankingEvaluator,
              device: torch.device) -> Dict[str, Any]:
-    model.eval()
     synchronize(device)
     start = time.perf_counter()
-    embeddings = model.embeddings()
-    metrics = evaluator.evaluate(lambda users: model.score_all_items(users, embeddings))
+    metrics = evaluate(model, evaluator)
     synchronize(device)
     return {'seconds': time.perf_counter() - start, 'recall@20': metrics['recall@20']}
 
@@ -85,11 +103,13 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument('--breakdown', action='store_true',
                         help='also time the parts of one training step (see above)')
     parser.add_argument('--breakdown-repeats', type=int, default=15,
-                        help='timed calls per part (default: %(default)s)')
+                        help='timed calls per part, >= 3 (default: %(default)s)')
     parser.add_argument('--output', default=str(RESULTS_DIR / 'tiktok_epoch_time.json'))
     args = parser.parse_args(argv)
     if args.epochs < 3:
         parser.error('--epochs must be >= 3 (the median of at least 3 epochs)')
+    if args.breakdown_repeats < 3:
+        parser.error('--breakdown-repeats must be >= 3 (the median of at least 3 calls)')
     names = [n.strip() for n in args.models.split(',') if n.strip()]
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
@@ -105,11 +125,7 @@ def main(argv: List[str] | None = None) -> int:
                                      device=device)
     models, optimizers = {}, {}
     for name in names:
-        torch.manual_seed(args.seed)
-        models[name] = MODELS[name].from_data(data).to(device)
-        if name.endswith('-compiled'):
-            models[name].compile_modules()
-        optimizers[name] = torch.optim.Adam(models[name].parameters(), lr=1e-3)
+        models[name], optimizers[name] = build_model(name, data, args.seed, device)
 
     epochs: Dict[str, List[float]] = {n: [] for n in names}
     warmup: Dict[str, List[float]] = {n: [] for n in names}
@@ -128,27 +144,29 @@ def main(argv: List[str] | None = None) -> int:
         valid[name] = validate(models[name], evaluator, device)
         valid[name]['first_pass_seconds'] = untimed['seconds']
 
+    epoch_seconds = {name: summarize(epochs[name]) for name in names}
+    median = {name: epoch_seconds[name]['median'] for name in names}
     result: Dict[str, Any] = {
         'dataset': args.dataset, 'batch_size': args.batch_size,
         'batches_per_epoch': num_batches, 'epochs_timed': args.epochs,
         'warmup_epochs': args.warmup, 'interleaved': True,
-        'models': {name: {'options': ('defaults, compile_modules()' if name.endswith('-compiled')
+        'models': {name: {'options': ('defaults, compile_modules()' if is_compiled(name)
                                       else 'defaults'),
-                          'epoch_seconds': summarize(epochs[name]),
-                          'ms_per_batch': 1000 * statistics.median(epochs[name]) / num_batches,
+                          'epoch_seconds': epoch_seconds[name],
+                          'ms_per_batch': 1000 * median[name] / num_batches,
                           'validation': valid[name]}
                    for name in names},
         'environment': environment(device),
     }
     for name in names:
-        if name.endswith('-compiled') and args.warmup > 0:
+        if is_compiled(name) and args.warmup > 0:
             # the warm-up epochs minus as many ordinary epochs
-            extra = sum(warmup[name]) - args.warmup * statistics.median(epochs[name])
+            extra = sum(warmup[name]) - args.warmup * median[name]
             result['models'][name]['compile_seconds'] = extra
     for name in ('crane', 'crane-compiled'):
         if name in names and 'freedom' in names:
             key = f"ratio_{name.replace('-', '_')}_over_freedom"
-            result[key] = statistics.median(epochs[name]) / statistics.median(epochs['freedom'])
+            result[key] = median[name] / median['freedom']
             print(f"{name} / freedom epoch time: {result[key]:.2f}")
     if args.breakdown:
         result['step_breakdown_ms'] = step_breakdown(data, sampler, args, device,
@@ -160,19 +178,6 @@ def main(argv: List[str] | None = None) -> int:
     plot(result, output.with_suffix('.png'))
     print(f'wrote {output} and {output.with_suffix(".png")}')
     return 0
-
-
-def _median_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    for _ in range(3):  # warm-up (and compilation)
-        fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def rca_matmul_floor(rca: Any, num_nodes: int, device: torch.device, repeats: int) -> float:
@@ -196,7 +201,7 @@ def rca_matmul_floor(rca: Any, num_nodes: int, device: torch.device, repeats: in
             x @ w
             grad @ w.t()
             x.t() @ grad
-    return _median_ms(products, device, repeats)
+    return 1000 * time_fn(products, device, repeats, warmup=3)['median']
 
 
 def step_breakdown(data: Any, sampler: Any, args: Any, device: torch.device,
@@ -205,7 +210,7 @@ def step_breakdown(data: Any, sampler: Any, args: Any, device: torch.device,
     epoch 0 (see the module docstring), for CRANE (and ``crane-compiled`` when
     :obj:`compiled`), FREEDOM and LightGCN."""
     users, pos, neg = (t.to(device) for t in next(iter(sampler.batches(0, args.batch_size))))
-    repeats = args.breakdown_repeats
+    repeats = args.breakdown_repeats  # >= 3 (checked by the parser; time_fn needs it)
     out: Dict[str, Dict[str, float]] = {}
 
     def whole_step(model: Any, optimizer: Any) -> Callable[[], None]:
@@ -217,11 +222,8 @@ def step_breakdown(data: Any, sampler: Any, args: Any, device: torch.device,
         return step
 
     for name in ('crane', 'crane-compiled') if compiled else ('crane',):
-        torch.manual_seed(args.seed)
-        model = CRANE.from_data(data).to(device).train()
-        if name.endswith('-compiled'):
-            model.compile_modules()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        model, optimizer = build_model(name, data, args.seed, device)
+        model.train()
         batch_users = torch.unique(users)
         x_item = model._encode_items().detach()
         rca_input = torch.cat([x_item, model._profiles(x_item, batch_users).detach()])
@@ -235,15 +237,19 @@ def step_breakdown(data: Any, sampler: Any, args: Any, device: torch.device,
             loss, _ = model.loss(users, pos, neg)
             backward(loss)
 
+        # median milliseconds of `repeats` calls after 3 untimed ones (warm-up, compilation)
         parts = {
-            'step': _median_ms(whole_step(model, optimizer), device, repeats),
-            'loss_backward': _median_ms(loss_backward, device, repeats),
-            'behavioural': _median_ms(lambda: backward(*model.behavioural(True)), device,
-                                      repeats),
-            'semantic': _median_ms(lambda: backward(*model.semantic(batch_users)), device,
-                                   repeats),
-            'encoders': _median_ms(lambda: backward(model._encode_items()), device, repeats),
-            'rca': _median_ms(lambda: backward(model.rca(rca_input)), device, repeats),
+            'step': 1000 * time_fn(whole_step(model, optimizer), device, repeats,
+                                   warmup=3)['median'],
+            'loss_backward': 1000 * time_fn(loss_backward, device, repeats, warmup=3)['median'],
+            'behavioural': 1000 * time_fn(lambda: backward(*model.behavioural(True)), device,
+                                          repeats, warmup=3)['median'],
+            'semantic': 1000 * time_fn(lambda: backward(*model.semantic(batch_users)), device,
+                                       repeats, warmup=3)['median'],
+            'encoders': 1000 * time_fn(lambda: backward(model._encode_items()), device,
+                                       repeats, warmup=3)['median'],
+            'rca': 1000 * time_fn(lambda: backward(model.rca(rca_input)), device, repeats,
+                                  warmup=3)['median'],
         }
         parts['semantic_rest'] = parts['semantic'] - parts['encoders'] - parts['rca']
         parts['objective_rest'] = (parts['loss_backward'] - parts['behavioural']
@@ -255,10 +261,10 @@ def step_breakdown(data: Any, sampler: Any, args: Any, device: torch.device,
                                                          device, repeats)
         out[name] = parts
     for name in ('freedom', 'lightgcn'):
-        torch.manual_seed(args.seed)
-        model = MODELS[name].from_data(data).to(device).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        out[name] = {'step': _median_ms(whole_step(model, optimizer), device, repeats)}
+        model, optimizer = build_model(name, data, args.seed, device)
+        model.train()
+        out[name] = {'step': 1000 * time_fn(whole_step(model, optimizer), device, repeats,
+                                            warmup=3)['median']}
     return out
 
 
@@ -288,10 +294,7 @@ def plot(result: Dict[str, Any], path: Path) -> None:
         title += '\n' + ', '.join(ratios)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == '__main__':

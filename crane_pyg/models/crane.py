@@ -298,6 +298,9 @@ class CRANE(Recommender):
         if graph_rebuild_every > 0 and not propagate_items:
             raise ValueError(f"{name}: graph_rebuild_every={graph_rebuild_every} needs "
                              f"the item graph (use_item_graph=True, num_ii_layers > 0)")
+        if id_item_graph and not propagate_items:
+            raise ValueError(f'{name}: id_item_graph=True needs the item graph '
+                             f'(use_item_graph=True, num_ii_layers > 0)')
 
         self.embedding_dim = embedding_dim
         self.num_recursions = num_recursions
@@ -309,10 +312,7 @@ class CRANE(Recommender):
         self.knn_k = knn_k
         self.user_semantic = user_semantic
         self.graph_rebuild_every = graph_rebuild_every
-        self.id_item_graph = bool(id_item_graph) and propagate_items
-        if id_item_graph and not propagate_items:
-            raise ValueError(f'{name}: id_item_graph=True needs the item graph '
-                             f'(use_item_graph=True, num_ii_layers > 0)')
+        self.id_item_graph = bool(id_item_graph)
         self.rebuild_mix = float(rebuild_mix)
         self.fusion = fusion
         self.lambda_cl = float(lambda_cl)
@@ -363,17 +363,19 @@ class CRANE(Recommender):
         self.profile_agg: Optional[UserProfileAggregation] = None
         if self.use_profiles and self._needs_z_user:
             if self.precompute_profiles:
-                agg = UserProfileAggregation(profile_norm, backend=backend)
-                with torch.no_grad():  # on the features' device (edge_index may differ)
+                # one normalised adjacency for every modality and the mass, on
+                # the features' device (edge_index may live elsewhere)
+                agg = UserProfileAggregation(profile_norm, cached=True, backend=backend)
+                device = next(iter(features.values())).device
+                graph = edge_index.to(device)
+                with torch.no_grad():
                     for m, x in enumerate(features.values()):
                         self.register_buffer(f'profile_feature_{m}',
-                                             agg(x.float(), edge_index.to(x.device),
-                                                 num_users),
+                                             agg(x.float(), graph, num_users),
                                              persistent=False)
-                    ones = torch.ones(num_items, 1, device=x.device)
+                    ones = torch.ones(num_items, 1, device=device)
                     self.register_buffer('profile_mass',
-                                         agg(ones, edge_index.to(x.device),
-                                             num_users).squeeze(-1),
+                                         agg(ones, graph, num_users).squeeze(-1),
                                          persistent=False)
             else:
                 self.profile_agg = UserProfileAggregation(profile_norm, cached=True,
@@ -540,47 +542,72 @@ class CRANE(Recommender):
         ``[U_b, d]`` for :obj:`users` (all users when :obj:`None`) and
         ``[I, d]`` for all items."""
         x_item = self._encode_items()
-        num_items = x_item.size(0)
-        z_user = None
-        if self._needs_z_user and self.use_profiles:
-            z = self.rca(torch.cat([x_item, self._profiles(x_item, users)], dim=0))
-            z_item, z_user = z[:num_items], z[num_items:]
-        else:
-            z_item = self.rca(x_item)
-            if self._needs_z_user:
-                z_user = (self.user_semantic_embedding.weight if users is None
-                          else self.user_semantic_embedding(users))
-        h_item = z_item
-        if self._propagate_items:
-            for _ in range(self.num_ii_layers):
-                h_item = self.item_conv(h_item, self.item_adj_index, self.item_adj_weight)
+        z_item, z_user = self._semantic_codes(x_item, users)
+        h_item = self._smooth_items(z_item) if self._propagate_items else z_item
+        item_mean = None
         if self._needs_item_mean:
             item_mean = self.item_mean(h_item, self.edge_index, self.num_users)
             if users is not None:
                 item_mean = item_mean.index_select(0, users)
-            h_user = item_mean if z_user is None else 0.5 * (z_user + item_mean)
-        else:
+        return self._semantic_output(z_user, item_mean, h_item)
+
+    def _semantic_codes(self, x_item: Tensor, users: Optional[Tensor],
+                        profiles: Optional[Tensor] = None
+                        ) -> Tuple[Tensor, Optional[Tensor]]:
+        r"""RCA of the item rows :obj:`x_item` ``[N, M, d]`` and, where the user
+        view needs it, :math:`\mathbf{z}_u` of :obj:`users` (all when
+        :obj:`None`): ``(z_item, z_user or None)``. With profiles, users and
+        items go through RCA in one call; :obj:`profiles` (``[U_b, M, d]``)
+        is computed by :meth:`_profiles` when not given."""
+        if self._needs_z_user and self.use_profiles:
+            if profiles is None:
+                profiles = self._profiles(x_item, users)
+            num_items = x_item.size(0)
+            z = self.rca(torch.cat([x_item, profiles], dim=0))
+            return z[:num_items], z[num_items:]
+        z_item = self.rca(x_item)
+        if not self._needs_z_user:
+            return z_item, None
+        return z_item, (self.user_semantic_embedding.weight if users is None
+                        else self.user_semantic_embedding(users))
+
+    def _smooth_items(self, h: Tensor) -> Tensor:
+        r""":math:`\hat{\mathbf{S}}^{L_{ii}} \mathbf{h}` over the model's item graph."""
+        for _ in range(self.num_ii_layers):
+            h = self.item_conv(h, self.item_adj_index, self.item_adj_weight)
+        return h
+
+    def _semantic_output(self, z_user: Optional[Tensor], item_mean: Optional[Tensor],
+                         h_item: Tensor) -> Tuple[Tensor, Tensor]:
+        r"""The semantic view from its pieces: :math:`\mathbf{h}_u` from
+        :math:`\mathbf{z}_u` and/or the item mean (``user_semantic``), then
+        ``semantic_scale`` on both sides."""
+        if item_mean is None:
             h_user = z_user
+        else:
+            h_user = item_mean if z_user is None else 0.5 * (z_user + item_mean)
         if self.semantic_scale is not None:
             h_user = self.semantic_scale * F.normalize(h_user, dim=-1)
             h_item = self.semantic_scale * F.normalize(h_item, dim=-1)
         return h_user, h_item
 
+    def _ui_graph(self, train_graph: bool) -> Tuple[LayerCombination, Tensor]:
+        r"""``(encoder, edge_index)`` of the behavioural view: the epoch's
+        pruned graph when :obj:`train_graph` and ``edge_dropout > 0``, else
+        the full training graph."""
+        if train_graph and self.ui_train_encoder is not None:
+            return self.ui_train_encoder, self.train_edge_index
+        return self.ui_encoder, self.edge_index
+
     def behavioural(self, train_graph: bool = False) -> Tuple[Tensor, Tensor]:
         r"""The behavioural view :math:`(\mathbf{E}^{cf}_U, \mathbf{E}^{cf}_I)`
         on the full graph, or on the epoch's pruned graph when
         :obj:`train_graph` and ``edge_dropout > 0``."""
-        if train_graph and self.ui_train_encoder is not None:
-            encoder, edge_index = self.ui_train_encoder, self.train_edge_index
-        else:
-            encoder, edge_index = self.ui_encoder, self.edge_index
+        encoder, edge_index = self._ui_graph(train_graph)
         e_user, e_item = encoder((self.user_embedding.weight, self.item_embedding.weight),
                                  edge_index)
         if self.id_item_graph:
-            h = self.item_embedding.weight
-            for _ in range(self.num_ii_layers):
-                h = self.item_conv(h, self.item_adj_index, self.item_adj_weight)
-            e_item = e_item + h
+            e_item = e_item + self._smooth_items(self.item_embedding.weight)
         return e_user, e_item
 
     def _fuse(self, cf: Tensor, sem: Tensor) -> Tensor:
@@ -605,7 +632,7 @@ class CRANE(Recommender):
         # several threads accumulate repeated indices).
         batch_items = pos_items[:0]
         if self.lambda_cl > 0:
-            batch_items = self._cl_subset(torch.unique(pos_items))
+            batch_items, = self._cl_subset(torch.unique(pos_items))
         rows = torch.cat([pos_items, neg_items, batch_items])
         e_rows, h_rows = e_item.index_select(0, rows), h_item.index_select(0, rows)
         return self.objective(users, pos_items, neg_items, user_pos, e_user, h_user,
@@ -637,9 +664,7 @@ class CRANE(Recommender):
         total, parts = bpr, {'bpr': bpr.item()}
 
         if self.lambda_cl > 0:
-            keep = self._cl_subset(torch.arange(e_user.size(0), device=e_user.device))
-            e_cl, h_cl = ((e_user, h_user) if keep.numel() == e_user.size(0) else
-                          (e_user.index_select(0, keep), h_user.index_select(0, keep)))
+            e_cl, h_cl = self._cl_subset(e_user, h_user)
             cl = self.lambda_cl * (self.info_nce(e_cl, h_cl)
                                    + self.info_nce(e_rows[2 * size:], h_rows[2 * size:]))
             total = total + cl
@@ -660,13 +685,15 @@ class CRANE(Recommender):
             parts['content_reg'] = creg.item()
         return total, parts
 
-    def _cl_subset(self, nodes: Tensor) -> Tensor:
-        r"""At most ``cl_max_nodes`` entries of :obj:`nodes`, drawn uniformly."""
-        limit = self.cl_max_nodes
-        if limit is None or nodes.numel() <= limit:
-            return nodes
-        pick = torch.randperm(nodes.numel(), device=nodes.device)[:limit]
-        return nodes.index_select(0, pick)
+    def _cl_subset(self, *rows: Tensor) -> Tuple[Tensor, ...]:
+        r"""At most ``cl_max_nodes`` rows of the row-aligned tensors
+        :obj:`rows`, the same rows of each, drawn uniformly (all of them,
+        unchanged, when there are no more)."""
+        limit, size = self.cl_max_nodes, rows[0].size(0)
+        if limit is None or size <= limit:
+            return rows
+        pick = torch.randperm(size, device=rows[0].device)[:limit]
+        return tuple(t.index_select(0, pick) for t in rows)
 
     def extra_repr(self) -> str:
         return (f'{super().extra_repr()}, modalities={self.modalities}, '

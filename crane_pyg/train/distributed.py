@@ -54,6 +54,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from crane_pyg.metrics import METRIC_NAMES
+
 __all__ = ['DistributedContext', 'init_distributed', 'destroy_distributed',
            'launched_by_torchrun', 'evaluate_sharded', 'broadcast_object',
            'all_reduce_sum', 'barrier']
@@ -162,8 +164,7 @@ def all_reduce_sum(tensor: Tensor, ctx: DistributedContext) -> Tensor:
 def broadcast_object(obj: Any, ctx: DistributedContext, src: int = 0) -> Any:
     r"""Rank :obj:`src`'s :obj:`obj` (picklable) on every rank."""
     box = [obj]
-    dist.broadcast_object_list(box, src=src,
-                               device=_collective_device(ctx) if ctx.backend == 'nccl' else None)
+    dist.broadcast_object_list(box, src=src, device=_collective_device(ctx))
     return box[0]
 
 
@@ -210,11 +211,10 @@ def evaluate_sharded(evaluator: Any, score_fn: Callable[[Tensor], Tensor],
     if ctx is None or ctx.world_size == 1:
         return evaluator.evaluate(score_fn)
     shard = shard_evaluator(evaluator, ctx.rank, ctx.world_size)
-    names = [f'{m}@{k}' for m in _metric_names() for k in evaluator.ks]
+    names = [f'{m}@{k}' for m in METRIC_NAMES for k in evaluator.ks]
     sums = torch.zeros(len(names) + 1, dtype=torch.float64)
     if shard.num_users > 0:
         per_user = shard.evaluate_per_user(score_fn)
-        names = list(per_user)
         sums[:-1] = torch.stack([per_user[n].double().sum().cpu() for n in names])
     sums[-1] = shard.num_users
     total = all_reduce_sum(sums, ctx)
@@ -223,8 +223,3 @@ def evaluate_sharded(evaluator: Any, score_fn: Callable[[Tensor], Tensor],
         raise RuntimeError(f'sharded evaluation gathered {count} users, expected '
                            f'{evaluator.num_users} (do all ranks load the same data?)')
     return {name: float(total[i] / count) for i, name in enumerate(names)}
-
-
-def _metric_names() -> tuple[str, ...]:
-    from crane_pyg.metrics import METRIC_NAMES
-    return METRIC_NAMES

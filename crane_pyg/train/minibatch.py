@@ -108,10 +108,9 @@ Neighbour sampling needs ``pyg-lib`` or ``torch-sparse``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.data import Data
 from torch_geometric.nn import LGConv
@@ -200,6 +199,22 @@ class UserItemSubgraphSampler:
         return Subgraph(out.node, edge_index, weight * scale[out.col], seeds.numel())
 
 
+def _subgraph_layers(sub: 'Subgraph', conv: nn.Module, num_layers: int,
+                     model: nn.Module) -> List[Tensor]:
+    r"""The layer outputs :math:`\mathbf{X}^{(0)}, \dots, \mathbf{X}^{(L)}`
+    ``[len(sub.node), d]`` of LightGCN propagation (``conv``, :math:`L` =
+    :obj:`num_layers`) of :obj:`model`'s ID embeddings over the sampled
+    subgraph :obj:`sub`."""
+    x = _ego_features(sub.node, model.num_users, model.user_embedding,
+                      model.item_embedding)
+    edge_index = sub.edge_index.to(x.device)
+    edge_weight = sub.edge_weight.to(x.device, x.dtype)
+    layers = [x]
+    for _ in range(num_layers):
+        layers.append(conv(layers[-1], edge_index, edge_weight))
+    return layers
+
+
 def _ego_features(node: Tensor, num_users: int, user_embedding: nn.Embedding,
                   item_embedding: nn.Embedding) -> Tensor:
     r"""Layer-0 features ``[N, d]`` of homogeneous node ids ``node`` (users
@@ -248,14 +263,9 @@ class MiniBatchLightGCN(nn.Module):
         homogeneous node ids ``seeds``, computed on their sampled subgraph."""
         model = self.model
         sub = self.sampler.sample(seeds)
-        x = _ego_features(sub.node, model.num_users, model.user_embedding,
-                          model.item_embedding)
-        device = x.device
-        edge_index = sub.edge_index.to(device)
-        edge_weight = sub.edge_weight.to(device, x.dtype)
-        out = x
-        for _ in range(model.num_layers):
-            x = self.conv(x, edge_index, edge_weight)
+        layers = _subgraph_layers(sub, self.conv, model.num_layers, model)
+        out = layers[0]
+        for x in layers[1:]:
             out = out + x
         return out[:sub.num_seeds] / (model.num_layers + 1)
 
@@ -404,9 +414,8 @@ class MiniBatchCRANE(nn.Module):
     def sampler(self) -> UserItemSubgraphSampler:
         r"""The user-item sampler of the graph the model currently trains on."""
         model = self.model
-        pruned = model.training and model.ui_train_encoder is not None
-        key = 'train' if pruned else 'full'
-        graph = model.train_edge_index if pruned else model.edge_index
+        graph = model._ui_graph(model.training)[1]
+        key = 'full' if graph is model.edge_index else 'train'
         cached = self._samplers.get(key)
         if cached is None or cached[0] is not graph:
             cached = (graph, UserItemSubgraphSampler(graph, model.num_users, model.num_items,
@@ -454,18 +463,13 @@ class MiniBatchCRANE(nn.Module):
         node ids ``seeds`` (users :math:`u`, items :math:`U + i`), on their
         sampled subgraph of the graph the model trains on."""
         model = self.model
-        pruned = model.training and model.ui_train_encoder is not None
-        alpha = (model.ui_train_encoder if pruned else model.ui_encoder).alpha
+        alpha = model._ui_graph(model.training)[0].alpha
         sub = self.sampler.sample(seeds)
-        x = _ego_features(sub.node, model.num_users, model.user_embedding,
-                          model.item_embedding)
-        edge_index = sub.edge_index.to(x.device)
-        edge_weight = sub.edge_weight.to(x.device, x.dtype)
-        alpha = alpha.to(x.dtype)
-        out = alpha[0] * x
+        layers = _subgraph_layers(sub, self.conv, model.num_ui_layers, model)
+        alpha = alpha.to(layers[0].dtype)
+        out = alpha[0] * layers[0]
         for layer in range(1, model.num_ui_layers + 1):
-            x = self.conv(x, edge_index, edge_weight)
-            out = out + alpha[layer] * x
+            out = out + alpha[layer] * layers[layer]
         self.last_stats['ui_nodes'] = int(sub.node.numel())
         return out[:sub.num_seeds]
 
@@ -520,24 +524,18 @@ class MiniBatchCRANE(nn.Module):
             profile_nodes = (prof_seg, prof_item)
 
         x_item = model._encode_items(nodes)  # the encoders on the needed rows only
-        z_user = None
-        if model._needs_z_user and model.use_profiles:
-            if profile_nodes is None:
-                profiles = model._profiles(None, batch_users)
-            else:
-                profiles = self._aggregate_profiles(x_item, nodes, batch_users, *profile_nodes)
-            z = model.rca(torch.cat([x_item[:num_nodes], profiles], dim=0))
-            z_item, z_user = z[:num_nodes], z[num_nodes:]
-        else:
-            z_item = model.rca(x_item[:num_nodes])
-            if model._needs_z_user:
-                z_user = model.user_semantic_embedding(batch_users)
+        profiles = None
+        if profile_nodes is not None:
+            profiles = self._aggregate_profiles(x_item, nodes, batch_users, *profile_nodes)
+        z_item, z_user = model._semantic_codes(x_item[:num_nodes], batch_users, profiles)
         h = z_item
         if self.item_conv is not None:
-            edge_weight = edge_weight.to(h.dtype)
+            # one adjacency of the step's subgraph for all L_ii layers
+            adj = self.item_conv.adjacency(edge_index, num_nodes, edge_weight.to(h.dtype))
             for _ in range(model.num_ii_layers):
-                h = self.item_conv(h, edge_index, edge_weight)
+                h = self.item_conv(h, adj)
         h_seeds = h[:num_seeds]
+        item_mean = None
         if model._needs_item_mean:
             rows = h_seeds.index_select(0, _local_ids(seeds, mean_item))
             count = torch.bincount(mean_seg, minlength=batch_users.numel())
@@ -545,13 +543,7 @@ class MiniBatchCRANE(nn.Module):
             item_mean = torch.zeros(batch_users.numel(), h.size(-1), dtype=h.dtype,
                                     device=h.device).index_add(
                 0, mean_seg, rows * inv.index_select(0, mean_seg).unsqueeze(-1))
-            h_user = item_mean if z_user is None else 0.5 * (z_user + item_mean)
-        else:
-            h_user = z_user
-        h_item = h_seeds[:num_items]
-        if model.semantic_scale is not None:
-            h_user = model.semantic_scale * F.normalize(h_user, dim=-1)
-            h_item = model.semantic_scale * F.normalize(h_item, dim=-1)
+        h_user, h_item = model._semantic_output(z_user, item_mean, h_seeds[:num_items])
         self.last_stats.update(items_seed=int(num_seeds), items_encoded=int(nodes.numel()),
                                item_edges=int(edge_index.size(1)))
         return h_user, h_item
@@ -586,7 +578,7 @@ class MiniBatchCRANE(nn.Module):
         batch_users, user_pos = torch.unique(users, return_inverse=True)
         batch_items = pos_items[:0]
         if model.lambda_cl > 0:  # drawn first, as in CRANE.loss (same generator calls)
-            batch_items = model._cl_subset(torch.unique(pos_items))
+            batch_items, = model._cl_subset(torch.unique(pos_items))
         items, item_pos = torch.unique(torch.cat([pos_items, neg_items, batch_items]),
                                        return_inverse=True)
         self.last_stats = {'users': int(batch_users.numel())}
