@@ -6,7 +6,7 @@ sizes, for every name of :func:`crane_pyg.nn.available_backends`.
 
 The adjacency is built once (``cached=True``, as CRANE uses the layer) and
 excluded from the timing. Every (backend, size) point runs in a fresh
-subprocess (peak ``ru_maxrss``; CUDA: ``max_memory_allocated``) unless
+subprocess (peak resident set, ``VmHWM``; CUDA: ``max_memory_allocated``) unless
 ``--in-process``. Writes JSON + PNG and which backend is fastest per size.
 
     python benchmarks/backends.py                 # default sizes, a few minutes

@@ -10,6 +10,7 @@ their items from a power-law item popularity with :mod:`numpy`, in
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -45,17 +46,14 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 def resolve_device(name: str) -> torch.device:
-    r"""``'auto'`` -> CUDA when available, else CPU.
-
-    Not delegated to :func:`crane_pyg.train.utils.resolve_device`: importing
-    :mod:`crane_pyg.train` loads torch_geometric (~140 MiB), and a child's
-    ``ru_maxrss`` starts from its parent's peak, so a driver that called it
-    before :func:`baseline_rss_mb` would raise every baseline it measures."""
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if name == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
-    return torch.device(name)
+    r""":func:`crane_pyg.train.utils.resolve_device` (``'auto'`` -> CUDA when
+    available, else CPU), with a missing GPU ending the script
+    (:class:`SystemExit`) instead of raising."""
+    from crane_pyg.train.utils import resolve_device as resolve
+    try:
+        return resolve(name)
+    except RuntimeError as exc:
+        raise SystemExit(f'--device {name}: {exc}') from None
 
 
 def synchronize(device: torch.device) -> None:
@@ -136,9 +134,31 @@ def time_fn(fn: Callable[[], Any], device: torch.device, repeats: int = 3,
 # memory
 # ---------------------------------------------------------------------------
 
+def _proc_status_mb(key: str) -> Optional[float]:
+    r"""The ``key`` line (kB) of ``/proc/self/status`` in MiB; :obj:`None`
+    where that file does not exist."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(key + ':'):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
-    r"""Peak resident set of *this* process in MiB (``ru_maxrss`` is KiB on
-    Linux, bytes on macOS)."""
+    r"""Peak resident set of *this* process in MiB.
+
+    On Linux ``VmHWM`` of ``/proc/self/status``: the high-water mark of the
+    process's own address space, which starts afresh at ``exec`` and which
+    :func:`reset_peak_rss` resets. Not ``ru_maxrss``: on Linux a child's
+    ``ru_maxrss`` starts from the resident set of the parent it was forked
+    from (a point run by a 360 MiB driver reported at least 360 MiB).
+    Elsewhere ``ru_maxrss`` (bytes on macOS)."""
+    hwm = _proc_status_mb('VmHWM')
+    if hwm is not None:
+        return hwm
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2 ** 20 if platform.system() == 'Darwin' else rss / 1024
 
@@ -146,14 +166,7 @@ def peak_rss_mb() -> float:
 def current_rss_mb() -> Optional[float]:
     r"""Current resident set of *this* process in MiB (``VmRSS`` of
     ``/proc/self/status``); :obj:`None` where that file does not exist."""
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith('VmRSS:'):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    return _proc_status_mb('VmRSS')
 
 
 def reset_peak_rss() -> bool:
@@ -248,12 +261,11 @@ def child_env() -> Dict[str, str]:
 def baseline_rss_mb() -> float:
     r"""Peak RSS of a fresh interpreter that only imported torch and
     crane_pyg (subtract it to get what a point itself used)."""
-    code = ('import resource, torch, crane_pyg; '
-            'print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)')
+    code = ('import torch, crane_pyg; from benchmarks.common import peak_rss_mb; '
+            'print(peak_rss_mb())')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                          env=child_env(), check=True)
-    rss = int(out.stdout.strip().splitlines()[-1])
-    return rss / 2 ** 20 if platform.system() == 'Darwin' else rss / 1024
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------
@@ -341,7 +353,8 @@ def add_common_args(parser, default_output: str, quick_help: str = 'tiny sizes (
     parser.add_argument('--device', choices=('cpu', 'cuda', 'auto'), default='auto')
     parser.add_argument('--output', default=str(RESULTS_DIR / default_output),
                         help='JSON path (the PNG goes beside it, same stem)')
-    parser.add_argument('--repeats', type=int, default=3, help='timed repeats (>= 3)')
+    parser.add_argument('--repeats', type=at_least_three, default=3,
+                        help='timed repeats (>= 3)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--in-process', action='store_true',
                         help='run every point in this process (fast; peak memory is '
@@ -349,10 +362,16 @@ def add_common_args(parser, default_output: str, quick_help: str = 'tiny sizes (
     parser.add_argument('--quick', action='store_true', help=quick_help)
     parser.add_argument('--timeout', type=float, default=timeout,
                         help='seconds per point (default: %(default)s)')
-    parser.add_argument('--_point', default=None, help=SUPPRESS_HELP)
+    parser.add_argument('--_point', default=None, help=argparse.SUPPRESS)
 
 
-SUPPRESS_HELP = '==SUPPRESS=='
+def at_least_three(text: str) -> int:
+    r"""``argparse`` type of a repeat count: an int >= 3 (a median of fewer
+    is not a measurement)."""
+    value = int(text)
+    if value < 3:
+        raise argparse.ArgumentTypeError(f'must be >= 3, got {value}')
+    return value
 
 
 # ---------------------------------------------------------------------------

@@ -3,7 +3,7 @@ r"""CRANE at the scale of Amazon Electronics: 192,403 users, 63,001 items,
 power-law interactions and Gaussian features built in memory as a
 :class:`~torch_geometric.data.HeteroData`, :func:`benchmarks.common.make_heterodata`).
 
-Measures, in this process, with ``ru_maxrss`` (CUDA: ``max_memory_allocated``)
+Measures, in this process, with its peak resident set (``VmHWM``; CUDA: ``max_memory_allocated``)
 as the peak memory:
 
 1. the item-item kNN build (:func:`crane_pyg.transforms.knn_adjacency`,

@@ -26,7 +26,7 @@ values. Every point runs in a fresh subprocess, which reports
 * the time of one full-ranking evaluation
   (:class:`~crane_pyg.metrics.FullRankingEvaluator`, validation split,
   :math:`O(U I d)`: predicted slope 2 along ``N``);
-* its peak resident set (``ru_maxrss``; CUDA: ``max_memory_allocated``).
+* its peak resident set (``VmHWM``; CUDA: ``max_memory_allocated``).
 
 Each time is the median of ``--repeats`` (>= 3) runs after one warm-up, with
 its spread. The log-log slope of every part against its axis is fitted over

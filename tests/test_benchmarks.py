@@ -228,3 +228,14 @@ def test_tiktok_epoch_time_on_synthetic_data(synthetic_root, tmp_path):
     users = next(iter(BPRSampler.from_data(data, seed=0).batches(0, 512)))[0]
     assert crane['rca_rows'] == data['item'].num_nodes + torch.unique(users).numel()
     assert crane['rca_matmul_floor'] > 0 and parts['freedom']['step'] > 0
+
+
+def test_baseline_rss_does_not_inherit_the_parents_memory():
+    """A child's peak resident set is its own: a parent holding 400 MiB more
+    does not raise it (``ru_maxrss`` on Linux would: a forked child starts
+    from the parent's resident set)."""
+    before = common.baseline_rss_mb()
+    ballast = np.ones(400 * 2 ** 20 // 8)  # 400 MiB, touched
+    after = common.baseline_rss_mb()
+    assert ballast.sum() > 0
+    assert abs(after - before) < 50, (before, after)
