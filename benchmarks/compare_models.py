@@ -26,6 +26,23 @@ Example (the lead's runs on the MMRec Amazon data)::
 
 ``--resume`` continues interrupted runs and reuses finished ones. Both
 result files are written atomically.
+
+**Fair tuning** (``--tune``): every model first searches the space declared
+under ``search:`` in its packaged YAML (``crane_pyg/configs/model/<model>.yaml``,
+MMRec's ``hyper_parameters``) with the first seed, each point trained fully
+with early stopping, and the point with the best **validation** stop metric
+wins (:func:`crane_pyg.train.run_grid`; test metrics play no part). The
+search spaces must have the same number of points for every model (the same
+tuning budget; ``comparison.md`` lists trials and epochs per model). Then
+every seed trains the winner (the first seed reuses the winning search run).
+
+**Significance**: after the runs, every model's best checkpoints are ranked
+again on the test split per user (:func:`crane_pyg.train.runs.per_user_metrics`),
+each user's Recall@20 / NDCG@20 averaged over the seeds, and the target model
+(``--target``, default ``crane`` when compared) is tested against every
+other model with the Wilcoxon signed-rank test over users
+(:func:`crane_pyg.metrics.significance.paired_wilcoxon`, two-sided). The
+"best baseline" is the one with the highest mean *validation* stop metric.
 """
 from __future__ import annotations
 
@@ -46,8 +63,13 @@ try:
 except ImportError:  # a source checkout without installation
     sys.path.insert(0, str(REPO_ROOT))
 
-from crane_pyg.train import (ConfigError, DatasetNotFoundError, load_config, load_dataset,
-                             run_experiment)
+import yaml  # noqa: E402
+
+from crane_pyg.metrics.significance import paired_wilcoxon, seed_averaged
+from crane_pyg.train import (ConfigError, DatasetNotFoundError, expand_grid, load_config,
+                             load_dataset, run_experiment)
+from crane_pyg.train.config import search_space
+from crane_pyg.train.runs import load_trained_run, per_user_metrics
 from crane_pyg.train.trainer import locate_dataset
 from crane_pyg.train.utils import atomic_write_json, atomic_write_text, library_versions
 
@@ -81,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--in-process', action='store_true',
                         help='train in this process (CPU peak memory is then cumulative)')
     parser.add_argument('--quiet', action='store_true', help='no per-epoch output')
+    parser.add_argument('--tune', action='store_true',
+                        help="search each model's declared search space on validation "
+                             '(first seed) before the seeds; same number of points per model')
+    parser.add_argument('--target', help='model tested against the others per user '
+                        '(default: crane when compared, else the first model)')
+    parser.add_argument('--no-significance', action='store_true',
+                        help='skip the per-user re-ranking and paired tests')
     return parser
 
 
@@ -109,7 +138,8 @@ def _flags(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     return flags
 
 
-def _cli_args(args: argparse.Namespace, model: str, seed: int, out: Path) -> list[str]:
+def _cli_args(args: argparse.Namespace, model: str, seed: int, out: Path,
+              extra: Sequence[str] = ()) -> list[str]:
     argv = ['--model', model, '--dataset', args.dataset, '--seed', str(seed),
             '--output', str(out)]
     if args.data_root is not None:
@@ -120,7 +150,7 @@ def _cli_args(args: argparse.Namespace, model: str, seed: int, out: Path) -> lis
         argv += ['--epochs', str(args.epochs)]
     if args.device is not None:
         argv += ['--device', args.device]
-    for override in args.overrides:
+    for override in [*args.overrides, *extra]:
         argv += ['--set', override]
     if args.resume:
         argv.append('--resume')
@@ -129,12 +159,13 @@ def _cli_args(args: argparse.Namespace, model: str, seed: int, out: Path) -> lis
     return argv
 
 
-def _run_subprocess(args: argparse.Namespace, model: str, seed: int, out: Path) -> int:
+def _run_subprocess(args: argparse.Namespace, model: str, seed: int, out: Path,
+                    extra: Sequence[str] = ()) -> int:
     code = 'import sys; from crane_pyg.train import main; sys.exit(main(sys.argv[1:]))'
     env = dict(os.environ)
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get('PYTHONPATH')]))
-    proc = subprocess.Popen([sys.executable, '-c', code, *_cli_args(args, model, seed, out)],
-                            env=env)
+    proc = subprocess.Popen([sys.executable, '-c', code,
+                             *_cli_args(args, model, seed, out, extra)], env=env)
     try:
         return proc.wait()
     except BaseException:  # Ctrl-C, or SIGTERM (raised as KeyboardInterrupt in main)
@@ -215,35 +246,149 @@ def to_markdown(summary: dict[str, Any]) -> str:
                   _cell(row['seconds_per_epoch'], 2), _cell(row['eval_seconds'], 2),
                   _cell(row['peak_memory_mb'], 0)]
         lines.append('| ' + ' | '.join(cells) + ' |')
+    tuning = summary.get('tuning')
+    if tuning:
+        lines += ['', f'Tuning (seed {seeds[0]}, selected by validation {stop}; the same '
+                  'number of trials per model):', '',
+                  '| model | trials | epochs trained | search space | chosen |', '|---|---|---|---|---|']
+        for model, t in tuning.items():
+            space = '; '.join(f'{k} {v}' for k, v in t['space'].items()) or '-'
+            chosen = ', '.join(f'{k}={v}' for k, v in t['params'].items()) or '-'
+            lines.append(f"| {model} | {t['trials']} | {t['epochs']} | {space} | {chosen} |")
+    sig = summary.get('significance')
+    if sig:
+        lines += ['', f"Paired test of {sig['target']} against each model on the test "
+                  f"split ({sig['test']}); best baseline by {sig['selected_by']}: "
+                  f"**{sig['best_baseline']}**.", '',
+                  '| against | metric | users | target mean | other mean | rel. diff | '
+                  'wins / losses | p-value |', '|---|---|---|---|---|---|---|---|']
+        for other, by in sig['against'].items():
+            for metric, t in by.items():
+                rel = (t['mean_a'] / t['mean_b'] - 1) * 100 if t['mean_b'] else float('nan')
+                lines.append(f"| {other} | {metric} | {t['users']} | {t['mean_a']:.4f} | "
+                             f"{t['mean_b']:.4f} | {rel:+.1f} % | {t['wins']} / "
+                             f"{t['losses']} | {t['p_value']:.2g} |")
     lines += ['', 'Runs: ' + ', '.join(f"`{r['output_dir']}`" for r in summary['runs']), '']
     return '\n'.join(lines)
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()
+
+
+def _grid_overrides(space: dict[str, list[Any]]) -> list[str]:
+    return [f'grid.{key}={_yaml_value(values)}' for key, values in space.items()]
+
+
+def _point_overrides(params: dict[str, Any]) -> list[str]:
+    return [f'{key}={_yaml_value(value)}' for key, value in params.items()]
+
+
+def _train(args: argparse.Namespace, model: str, seed: int, out: Path,
+           extra: Sequence[str], data_box: list) -> str:
+    r"""Trains one run (or one grid) into ``out``; returns its status."""
+    if args.in_process:
+        config = load_config(model=model, dataset=args.dataset, config_file=args.config,
+                             overrides=[*args.overrides, *extra], flags=_flags(args, seed))
+        if not data_box:  # one dataset object for every run (never modified)
+            data_box.append(load_dataset(config.dataset))
+        return run_experiment(config, out, resume=args.resume, quiet=args.quiet,
+                              data=data_box[0])['status']
+    code = _run_subprocess(args, model, seed, out, extra)
+    return 'completed' if code == 0 else f'exit code {code}'
+
+
+def tune(args: argparse.Namespace, models: Sequence[str], seed: int, output: Path,
+         data_box: list) -> dict[str, dict[str, Any]]:
+    r"""Searches every model's declared space on validation with ``seed``;
+    returns per model the winner's parameters, its run directory and the
+    budget spent (points, epochs)."""
+    spaces = {model: search_space(model) for model in models}
+    sizes = {model: len(expand_grid(space)) for model, space in spaces.items()}
+    if len(set(sizes.values())) != 1:
+        raise ConfigError('--tune needs the same number of search points for every model '
+                          '(the same tuning budget); declared: '
+                          + ', '.join(f'{m} {n}' for m, n in sizes.items())
+                          + ' (search: in crane_pyg/configs/model/<model>.yaml)')
+    tuned = {}
+    for model in models:
+        out = output / f'{model}-tune'
+        done = out / 'results.json'
+        if not (args.resume and done.is_file()):
+            print(f'== tuning {model} ({sizes[model]} points), seed {seed} -> {out}', flush=True)
+            status = _train(args, model, seed, out, _grid_overrides(spaces[model]),
+                            data_box)
+            if status not in FINISHED:
+                raise RuntimeError(f'tuning {model} did not finish ({status}); '
+                                   f'rerun with --resume to continue')
+        grid = json.loads(done.read_text(encoding='utf-8'))['grid']
+        if grid is None:  # an empty search space: one plain run
+            grid = {'params': {}, 'points': [{'output_dir': str(out)}], 'winner': 0}
+        epochs = []
+        for point in grid['points']:
+            result = json.loads((Path(point['output_dir']) / 'results.json')
+                                .read_text(encoding='utf-8'))
+            epochs.append(result['epochs_run'])
+        tuned[model] = {'space': spaces[model], 'params': grid['params'],
+                        'winner_dir': grid['points'][grid['winner']]['output_dir'],
+                        'trials': len(grid['points']), 'epochs': sum(epochs),
+                        'max_epochs_per_trial': max(epochs)}
+    return tuned
+
+
+def significance(runs: Sequence[dict[str, Any]], target: str, rows: Sequence[dict[str, Any]],
+                 metrics: Sequence[str] = ('recall@20', 'ndcg@20')) -> dict[str, Any]:
+    r"""Per-user test metrics of every run (best checkpoint), averaged over
+    seeds per model, and the paired Wilcoxon test of ``target`` against every
+    other model; ``best_baseline`` is the other model with the highest mean
+    validation stop metric."""
+    data = None
+    per_model: dict[str, dict[str, list[dict[int, float]]]] = {}
+    for run in runs:
+        _, data, model = load_trained_run(run['output_dir'], data=data)
+        ks = sorted({int(m.split('@')[1]) for m in metrics})
+        values = per_user_metrics(model, data, 'test', ks)
+        users = values['users'].tolist()
+        for metric in metrics:
+            per_model.setdefault(run['model'], {}).setdefault(metric, []).append(
+                dict(zip(users, values[metric].tolist())))
+    averaged = {model: {metric: seed_averaged(per_seed) for metric, per_seed in by.items()}
+                for model, by in per_model.items()}
+    stop = rows[0]['stop_metric']
+    others = [row for row in rows if row['model'] != target]
+    best = max(others, key=lambda row: row['valid'][stop]['mean'])['model'] if others else None
+    tests = {other['model']: {metric: paired_wilcoxon(averaged[target][metric],
+                                                      averaged[other['model']][metric])
+                              for metric in metrics} for other in others}
+    return {'target': target, 'best_baseline': best, 'selected_by': f'valid {stop}',
+            'test': 'Wilcoxon signed-rank over users, two-sided, per-user values '
+                    'averaged over seeds', 'against': tests}
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     models = _split(args.models, 'models')
     seeds = _split(args.seeds, 'seeds', int)
     output = Path(args.output or REPO_ROOT / 'benchmarks' / 'results' / f'compare-{args.dataset}')
+    target = args.target or ('crane' if 'crane' in models else models[0])
+    if target not in models:
+        raise ConfigError(f'--target {target!r} is not among --models {models}')
     # resolve every configuration first: a typo fails before hours of training
     configs = {(m, s): load_config(model=m, dataset=args.dataset, config_file=args.config,
                                    overrides=args.overrides, flags=_flags(args, s))
                for m in models for s in seeds}
     locate_dataset(next(iter(configs.values())).dataset)  # a clear error if it is missing
-    data = None
+    data_box: list = []
+    tuned = tune(args, models, seeds[0], output, data_box) if args.tune else {}
     runs = []
     for (model, seed), config in configs.items():
+        extra = _point_overrides(tuned[model]['params']) if model in tuned else []
         out = output / f'{model}-seed{seed}'
+        if model in tuned and seed == seeds[0]:
+            out = Path(tuned[model]['winner_dir'])  # the winning search run is this seed's run
         done = out / 'results.json'
-        if not (args.resume and done.is_file()):
+        if not (args.resume and done.is_file()) and not (model in tuned and seed == seeds[0]):
             print(f'== {model}, seed {seed} -> {out}', flush=True)
-            if args.in_process:
-                if data is None:  # one dataset object for every run (never modified)
-                    data = load_dataset(config.dataset)
-                result = run_experiment(config, out, resume=args.resume, quiet=args.quiet,
-                                        data=data)
-                status = result['status']
-            else:
-                code = _run_subprocess(args, model, seed, out)
-                status = 'completed' if code == 0 else f'exit code {code}'
+            status = _train(args, model, seed, out, extra, data_box)
             if status not in FINISHED:
                 raise RuntimeError(f'run {model} seed {seed} did not finish ({status}); '
                                    f'rerun with --resume to continue')
@@ -256,13 +401,17 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                      'peak_memory_mb': result['peak_memory_mb'],
                      'peak_memory_source': result['peak_memory_source'],
                      'device': result['device'], 'epochs_run': result['epochs_run']})
+    rows = summarise(runs, models)
     summary = {
         'dataset': args.dataset, 'models': models, 'seeds': seeds,
         'stop_metric': runs[0]['stop_metric'],
         'device': ', '.join(sorted({r['device'] for r in runs})),
         'peak_memory_source': ', '.join(sorted({r['peak_memory_source'] for r in runs}))
         + (' (in-process: cumulative over runs)' if args.in_process else ''),
-        'rows': summarise(runs, models), 'runs': runs, 'versions': library_versions(),
+        'tuning': tuned or None,
+        'rows': rows, 'runs': runs, 'versions': library_versions(),
+        'significance': (None if args.no_significance or len(models) < 2
+                         else significance(runs, target, rows)),
     }
     atomic_write_json(output / 'comparison.json', summary)
     atomic_write_text(output / 'comparison.md', to_markdown(summary))

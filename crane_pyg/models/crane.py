@@ -2,6 +2,7 @@ r"""CRANE: Cross-Modal Attention Network with Dual Graph Learning
 (Zhao et al., arXiv 2601.11151), as reconstructed in crane_pyg."""
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
 
 import torch
@@ -32,9 +33,13 @@ from crane_pyg.nn import (
     UserItemConv,
     UserProfileAggregation,
 )
+from crane_pyg.nn.loss import L2_FORMS
 from crane_pyg.transforms import knn_adjacency
 
 __all__ = ['CRANE']
+
+#: the views :meth:`CRANE.view_embeddings` can score with
+VIEWS = ('full', 'behavioural', 'semantic')
 
 #: buffers holding the (possibly rebuilt) item-item graph; their number of
 #: entries changes with every rebuild
@@ -116,16 +121,17 @@ class CRANE(Recommender):
            + \lambda_{cl} \big[\mathrm{InfoNCE}(\mathbf{E}^{cf}_{\mathcal{U}_b},
              \mathbf{H}_{\mathcal{U}_b}) + \mathrm{InfoNCE}(
              \mathbf{E}^{cf}_{\mathcal{I}_b}, \mathbf{H}_{\mathcal{I}_b})\big]
-           + \lambda_{reg} \frac{1}{2B}\big(\lVert \mathbf{E}^{(0)}_u \rVert^2
-             + \lVert \mathbf{E}^{(0)}_{i^+} \rVert^2
-             + \lVert \mathbf{E}^{(0)}_{i^-} \rVert^2\big)
+           + \lambda_{reg} \mathcal{R}\big(\mathbf{E}^{(0)}_u,
+             \mathbf{E}^{(0)}_{i^+}, \mathbf{E}^{(0)}_{i^-}\big)
 
        with :math:`\mathcal{U}_b`, :math:`\mathcal{I}_b` the batch's unique
        users and unique positive items (at most ``cl_max_nodes`` of each,
        drawn uniformly in every step), :class:`~crane_pyg.nn.InfoNCE`
        (cosine, in-batch negatives, temperature :math:`\tau`, symmetric) and
        :math:`\mathbf{E}^{(0)}` the ID ("ego") embeddings (plus the user
-       semantic ID embedding when ``use_profiles=False``).
+       semantic ID embedding when ``use_profiles=False``) and :math:`\mathcal{R}`
+       the L2 term of :class:`~crane_pyg.nn.EmbeddingL2` in the form
+       ``reg_form``.
 
     **Cost.** A training step is linear in nodes and edges: :math:`O(L_{ui}
     E d + L_{ii} k I d + I \sum_m d_m d + R (I + U_b) M d^2 + C^2 d)`, with
@@ -196,6 +202,10 @@ class CRANE(Recommender):
             :obj:`None`: every unique node. (default: ``512``)
         temperature (float): :math:`\tau` of InfoNCE. (default: ``0.2``)
         lambda_reg (float): :math:`\lambda_{reg}`. (default: ``1e-4``)
+        reg_form (str): ``'squared'`` (:math:`\frac{1}{2B}\sum_k \lVert
+            \mathbf{E}_k \rVert^2`) or ``'mmrec'`` (:math:`\frac{1}{B}
+            \sum_k \lVert \mathbf{E}_k \rVert`, MMRec's ``EmbLoss``), see
+            :class:`~crane_pyg.nn.EmbeddingL2`. (default: ``'squared'``)
         content_reg (float): :math:`\lambda_{c}`, an L2 penalty
             :math:`\tfrac{\lambda_c}{2} \sum_W \lVert W \rVert_F^2` on the
             weight matrices of the modality encoders and of RCA, added to
@@ -212,6 +222,12 @@ class CRANE(Recommender):
             0.039 after epoch 1 to 0.023 after epoch 5); with ``0.2`` it
             rises steadily (0.041 -> 0.059 over the same epochs).
             :obj:`None` keeps the raw view. (default: ``0.2``)
+        learn_semantic_scale (bool): make the factor :math:`s` of
+            ``semantic_scale`` a learned parameter (one for users, one for
+            items, initialised at ``semantic_scale`` and kept positive as
+            :math:`s = e^{\theta}`), so that training decides how much the
+            content view weighs in the score instead of a fixed norm.
+            Needs ``semantic_scale``. (default: :obj:`False`)
         use_rca (bool): ablation; :obj:`False` is RCA with :math:`R = 0`
             (concatenation + projection). (default: :obj:`True`)
         use_profiles (bool): ablation; :obj:`False` gives users a learned ID
@@ -255,8 +271,10 @@ class CRANE(Recommender):
         cl_max_nodes: Optional[int] = 512,
         temperature: float = 0.2,
         lambda_reg: float = 1e-4,
+        reg_form: Literal['squared', 'mmrec'] = 'squared',
         content_reg: float = 0.0,
         semantic_scale: Optional[float] = 0.2,
+        learn_semantic_scale: bool = False,
         use_rca: bool = True,
         use_profiles: bool = True,
         use_item_graph: bool = True,
@@ -282,12 +300,16 @@ class CRANE(Recommender):
             check_int(name, 'cl_max_nodes', cl_max_nodes, 2)
         check_float(name, 'temperature', temperature, 1e-12)
         check_float(name, 'lambda_reg', lambda_reg)
+        check_choice(name, 'reg_form', reg_form, L2_FORMS)
         check_float(name, 'content_reg', content_reg)
         if semantic_scale is not None:
             check_float(name, 'semantic_scale', semantic_scale)
             if not semantic_scale > 0:
                 raise ValueError(f'{name}: semantic_scale must be > 0 or None, '
                                  f'got {semantic_scale}')
+        if learn_semantic_scale and semantic_scale is None:
+            raise ValueError(f'{name}: learn_semantic_scale=True needs semantic_scale '
+                             f'(its initial value), got None')
         check_int(name, 'seed', seed, 0)
         features = check_features(features, num_items, name)
         if not features:
@@ -320,6 +342,7 @@ class CRANE(Recommender):
         self.lambda_reg = float(lambda_reg)
         self.content_reg = float(content_reg)
         self.semantic_scale = None if semantic_scale is None else float(semantic_scale)
+        self.learn_semantic_scale = bool(learn_semantic_scale)
         self.use_rca = bool(use_rca)
         self.use_profiles = bool(use_profiles)
         self.use_item_graph = bool(use_item_graph)
@@ -395,9 +418,14 @@ class CRANE(Recommender):
             LayerCombination(UserItemConv(cached=True, backend=backend), num_ui_layers)
             if self.edge_dropout > 0 else None)
 
+        # -- fusion ----------------------------------------------------------
+        # logarithms of the learned semantic scales of users and items
+        self.log_semantic_scale = (nn.Parameter(torch.empty(2))
+                                   if self.learn_semantic_scale else None)
+
         self.bpr = BPRLoss()
         self.info_nce = InfoNCE(temperature=temperature)
-        self.l2 = EmbeddingL2()
+        self.l2 = EmbeddingL2(reg_form)
         self.reset_parameters()
         self._prune(0)
 
@@ -422,6 +450,8 @@ class CRANE(Recommender):
         for encoder in self.encoders:
             encoder.reset_parameters()
         self.rca.reset_parameters()
+        if self.log_semantic_scale is not None:
+            nn.init.constant_(self.log_semantic_scale, math.log(self.semantic_scale))
         self.reset_cache()
 
     # ------------------------------------------------------------------
@@ -587,9 +617,20 @@ class CRANE(Recommender):
         else:
             h_user = item_mean if z_user is None else 0.5 * (z_user + item_mean)
         if self.semantic_scale is not None:
-            h_user = self.semantic_scale * F.normalize(h_user, dim=-1)
-            h_item = self.semantic_scale * F.normalize(h_item, dim=-1)
+            scale_user, scale_item = self.semantic_scales()
+            h_user = scale_user * F.normalize(h_user, dim=-1)
+            h_item = scale_item * F.normalize(h_item, dim=-1)
         return h_user, h_item
+
+    def semantic_scales(self) -> Tuple[Any, Any]:
+        r"""The factors :math:`(s_{user}, s_{item})` of ``semantic_scale``:
+        the fixed value twice, or the learned ones (scalar tensors) with
+        ``learn_semantic_scale=True``; :obj:`None` twice without
+        ``semantic_scale``."""
+        if self.log_semantic_scale is not None:
+            scale = self.log_semantic_scale.exp()
+            return scale[0], scale[1]
+        return self.semantic_scale, self.semantic_scale
 
     def _ui_graph(self, train_graph: bool) -> Tuple[LayerCombination, Tensor]:
         r"""``(encoder, edge_index)`` of the behavioural view: the epoch's
@@ -614,7 +655,25 @@ class CRANE(Recommender):
         return cf + sem if self.fusion == 'sum' else torch.cat([cf, sem], dim=-1)
 
     def embeddings(self) -> Tuple[Tensor, Tensor]:
+        return self.view_embeddings('full')
+
+    def view_embeddings(self, view: str = 'full') -> Tuple[Tensor, Tensor]:
+        r"""``(user, item)`` representations of every node in one view, scored
+        with the inner product like :meth:`embeddings`: ``'full'`` is the
+        fused representation (:meth:`embeddings`), ``'behavioural'`` the ID
+        view :math:`\mathbf{e}^{cf}` alone and ``'semantic'`` the content
+        view :math:`\mathbf{h}` alone (scaled as for fusion). The full
+        score is the sum of the two views' scores plus, with
+        ``fusion='sum'``, the cross terms :math:`\langle \mathbf{e}^{cf}_u,
+        \mathbf{h}_i \rangle + \langle \mathbf{h}_u, \mathbf{e}^{cf}_i
+        \rangle`. Used to measure what the content view adds to a trained
+        model (``benchmarks/content_diagnosis.py``)."""
+        check_choice(type(self).__name__, 'view', view, VIEWS)
+        if view == 'semantic':
+            return self.semantic(None)
         e_user, e_item = self.behavioural(train_graph=False)
+        if view == 'behavioural':
+            return e_user, e_item
         h_user, h_item = self.semantic(None)
         return self._fuse(e_user, h_user), self._fuse(e_item, h_item)
 
@@ -700,6 +759,8 @@ class CRANE(Recommender):
                 f'embedding_dim={self.embedding_dim}, user_semantic={self.user_semantic!r}, '
                 f'fusion={self.fusion!r}, lambda_cl={self.lambda_cl}, '
                 f'cl_max_nodes={self.cl_max_nodes}, '
-                f'lambda_reg={self.lambda_reg}, content_reg={self.content_reg}, '
+                f'lambda_reg={self.lambda_reg}, reg_form={self.l2.form!r}, '
+                f'content_reg={self.content_reg}, semantic_scale={self.semantic_scale}, '
+                f'learn_semantic_scale={self.learn_semantic_scale}, '
                 f'edge_dropout={self.edge_dropout}, '
                 f'graph_rebuild_every={self.graph_rebuild_every}')

@@ -1,12 +1,13 @@
 r"""LightGCN (He et al., SIGIR 2020): the ID-only graph baseline."""
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Literal, Tuple
 
 from torch import Tensor, nn
 
-from crane_pyg.models.base import Recommender, check_float, check_int
+from crane_pyg.models.base import Recommender, check_choice, check_float, check_int
 from crane_pyg.nn import BPRLoss, EmbeddingL2, LayerCombination, UserItemConv
+from crane_pyg.nn.loss import L2_FORMS
 
 __all__ = ['LightGCN']
 
@@ -27,13 +28,14 @@ class LightGCN(Recommender):
     trained with
 
     .. math::
-        \mathcal{L} = \mathrm{BPR}(u, i^+, i^-) + \lambda \frac{1}{2B}
-        \left( \lVert \mathbf{E}^{(0)}_{u} \rVert^2 +
-        \lVert \mathbf{E}^{(0)}_{i^+} \rVert^2 +
-        \lVert \mathbf{E}^{(0)}_{i^-} \rVert^2 \right)
+        \mathcal{L} = \mathrm{BPR}(u, i^+, i^-) + \lambda \frac{1}{B}
+        \left( \lVert \mathbf{E}^{(0)}_{u} \rVert +
+        \lVert \mathbf{E}^{(0)}_{i^+} \rVert +
+        \lVert \mathbf{E}^{(0)}_{i^-} \rVert \right)
 
-    (L2 of the batch's ego embeddings, summed over the batch of size
-    :math:`B`). Unlike :class:`torch_geometric.nn.models.LightGCN` it
+    (Frobenius norms of the batch's ego embeddings, batch size :math:`B`:
+    MMRec's ``EmbLoss``; ``reg_form='squared'`` gives the squared form of
+    LightGCN's reference code, see :class:`~crane_pyg.nn.EmbeddingL2`). Unlike :class:`torch_geometric.nn.models.LightGCN` it
     never builds the :math:`(U+I)`-node graph: it propagates with
     :class:`~crane_pyg.nn.UserItemConv` (normalised adjacency cached).
 
@@ -47,6 +49,9 @@ class LightGCN(Recommender):
         num_layers (int): propagation layers :math:`L` (``0`` gives matrix
             factorisation). (default: ``2``)
         reg_weight (float): :math:`\lambda`. (default: ``1e-4``)
+        reg_form (str): ``'mmrec'`` (unsquared norms, MMRec's ``EmbLoss``) or
+            ``'squared'`` (:math:`\frac{1}{2B}\sum\lVert\cdot\rVert^2`).
+            (default: ``'mmrec'``)
         backend (str): sparse backend of the propagation (see
             :func:`crane_pyg.nn.backend.resolve_backend`). (default: ``'auto'``)
     """
@@ -60,6 +65,7 @@ class LightGCN(Recommender):
         embedding_dim: int = 64,
         num_layers: int = 2,
         reg_weight: float = 1e-4,
+        reg_form: Literal['mmrec', 'squared'] = 'mmrec',
         backend: str = 'auto',
     ) -> None:
         super().__init__(num_users, num_items)
@@ -67,6 +73,7 @@ class LightGCN(Recommender):
         check_int(name, 'embedding_dim', embedding_dim, 1)
         check_int(name, 'num_layers', num_layers, 0)
         check_float(name, 'reg_weight', reg_weight)
+        check_choice(name, 'reg_form', reg_form, L2_FORMS)
         self.embedding_dim = embedding_dim
         self.num_layers = num_layers
         self.reg_weight = float(reg_weight)
@@ -78,7 +85,7 @@ class LightGCN(Recommender):
         self.encoder = LayerCombination(UserItemConv(cached=True, backend=backend),
                                         num_layers)
         self.bpr = BPRLoss()
-        self.l2 = EmbeddingL2()
+        self.l2 = EmbeddingL2(reg_form)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -113,4 +120,5 @@ class LightGCN(Recommender):
 
     def extra_repr(self) -> str:
         return (f'{super().extra_repr()}, embedding_dim={self.embedding_dim}, '
-                f'num_layers={self.num_layers}, reg_weight={self.reg_weight}')
+                f'num_layers={self.num_layers}, reg_weight={self.reg_weight}, '
+                f'reg_form={self.l2.form!r}')

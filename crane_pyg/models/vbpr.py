@@ -1,7 +1,7 @@
 r"""VBPR (He & McAuley, AAAI 2016): matrix factorisation with a content term."""
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -9,12 +9,14 @@ from torch_geometric.data import HeteroData
 
 from crane_pyg.models.base import (
     Recommender,
+    check_choice,
     check_features,
     check_float,
     check_int,
         modality_features,
 )
 from crane_pyg.nn import BPRLoss, EmbeddingL2
+from crane_pyg.nn.loss import L2_FORMS
 
 __all__ = ['VBPR']
 
@@ -35,9 +37,10 @@ class VBPR(Recommender):
     with :math:`\mathbf{q}_i \in \mathbb{R}^{d/2}`,
     :math:`\mathbf{W} \in \mathbb{R}^{(d/2) \times \sum_m d_m}`; the user
     embedding holds the latent and the "visual" preference halves. Loss:
-    BPR plus :math:`\lambda \frac{1}{2B}(\lVert \mathbf{e}_u \rVert^2 +
-    \lVert \mathbf{e}_{i^+} \rVert^2 + \lVert \mathbf{e}_{i^-} \rVert^2)`
-    over the batch. There is no graph propagation.
+    BPR plus :math:`\lambda \frac{1}{B}(\lVert \mathbf{E}_u \rVert +
+    \lVert \mathbf{E}_{i^+} \rVert + \lVert \mathbf{E}_{i^-} \rVert)`
+    over the batch (MMRec's ``EmbLoss``; ``reg_form='squared'``:
+    :math:`\frac{1}{2B}\sum \lVert\cdot\rVert^2`). There is no graph propagation.
 
     :math:`\mathbf{W}[\mathbf{f}_1 \Vert \cdots \Vert \mathbf{f}_M]` is
     computed as :math:`\sum_m \mathbf{W}_{:, m} \mathbf{f}_m` with column
@@ -53,6 +56,8 @@ class VBPR(Recommender):
             projection have :math:`d/2` each. (MMRec's ``embedding_size``
             is :math:`d/2`.) (default: ``64``)
         reg_weight (float): :math:`\lambda`. (default: ``1e-4``)
+        reg_form (str): ``'mmrec'`` or ``'squared'`` (see
+            :class:`~crane_pyg.nn.EmbeddingL2`). (default: ``'mmrec'``)
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class VBPR(Recommender):
         *,
         embedding_dim: int = 64,
         reg_weight: float = 1e-4,
+        reg_form: Literal['mmrec', 'squared'] = 'mmrec',
     ) -> None:
         super().__init__(num_users, num_items)
         name = type(self).__name__
@@ -71,6 +77,7 @@ class VBPR(Recommender):
             raise ValueError(f"{name}: 'embedding_dim' must be even (half ID "
                              f"embedding, half content projection), got {embedding_dim}")
         check_float(name, 'reg_weight', reg_weight)
+        check_choice(name, 'reg_form', reg_form, L2_FORMS)
         features = check_features(features, num_items, name)
         if not features:
             raise ValueError(f'{name} needs at least one item modality, but the '
@@ -88,7 +95,7 @@ class VBPR(Recommender):
         self.item_embedding = nn.Embedding(num_items, half)
         self.item_linear = nn.Linear(sum(self.feature_dims), half)
         self.bpr = BPRLoss()
-        self.l2 = EmbeddingL2()
+        self.l2 = EmbeddingL2(reg_form)
         self.reset_parameters()
 
     @classmethod
@@ -133,4 +140,5 @@ class VBPR(Recommender):
 
     def extra_repr(self) -> str:
         return (f'{super().extra_repr()}, modalities={self.modalities}, '
-                f'embedding_dim={self.embedding_dim}, reg_weight={self.reg_weight}')
+                f'embedding_dim={self.embedding_dim}, reg_weight={self.reg_weight}, '
+                f'reg_form={self.l2.form!r}')

@@ -107,32 +107,58 @@ class InfoNCE(nn.Module):
                 f'symmetric={self.symmetric})')
 
 
+#: forms of :class:`EmbeddingL2`
+L2_FORMS = ('squared', 'mmrec')
+
+
 class EmbeddingL2(nn.Module):
-    r"""L2 penalty on the (ego) embeddings used in a batch, in the form of
-    LightGCN's reference implementation:
+    r"""L2 penalty on the (ego) embeddings used in a batch, in one of two
+    forms. ``form='squared'`` is that of LightGCN's reference implementation,
 
     .. math::
-        \mathcal{R} = \frac{1}{2B} \sum_{k} \lVert \mathbf{E}_k \rVert_F^2
+        \mathcal{R}_{sq} = \frac{1}{2B} \sum_{k} \lVert \mathbf{E}_k \rVert_F^2,
+
+    and ``form='mmrec'`` that of MMRec's ``EmbLoss`` (the *unsquared*
+    Frobenius norms),
+
+    .. math::
+        \mathcal{R}_{mmrec} = \frac{1}{B} \sum_{k} \lVert \mathbf{E}_k \rVert_F,
 
     for embedding tensors :math:`\mathbf{E}_k` (e.g. the batch's users,
     positive and negative items, each :math:`B \times d`), where :math:`B` is
-    the size of the first dimension of the first tensor. Multiply by
-    :math:`\lambda_{reg}` outside. (MMRec's ``EmbLoss`` sums the *unsquared*
-    Frobenius norms instead; this is not that form.)
+    the size of the first dimension of the *last* tensor (MMRec's choice; all
+    tensors usually have the same). Multiply by :math:`\lambda_{reg}`
+    outside. At the same :math:`\lambda_{reg}` the two differ in strength:
+    the gradient of :math:`\mathcal{R}_{sq}` for one row is
+    :math:`\mathbf{e}/B`, that of :math:`\mathcal{R}_{mmrec}` is
+    :math:`\mathbf{e}/(B \lVert \mathbf{E}_k \rVert_F)`, i.e. the squared
+    form shrinks :math:`\lVert \mathbf{E}_k \rVert_F` (about
+    :math:`\sqrt{B}` times a row norm) times harder.
+
+    Args:
+        form (str): ``'squared'`` or ``'mmrec'``. (default: ``'squared'``)
 
     Shapes:
         - **input:** one or more tensors :math:`(B, *)`;
         - **output:** scalar.
     """
 
+    def __init__(self, form: str = 'squared') -> None:
+        super().__init__()
+        if form not in L2_FORMS:
+            raise ValueError(f"EmbeddingL2: form must be one of {list(L2_FORMS)}, got {form!r}")
+        self.form = form
+
     def forward(self, *embeddings: Tensor) -> Tensor:
         if not embeddings:
             raise ValueError("EmbeddingL2 needs at least one embedding tensor")
-        batch_size = embeddings[0].size(0)
+        batch_size = embeddings[-1].size(0)
         if batch_size == 0:
             raise ValueError("EmbeddingL2: empty batch")
+        if self.form == 'mmrec':
+            return sum(torch.linalg.vector_norm(emb) for emb in embeddings) / batch_size
         total = sum(emb.pow(2).sum() for emb in embeddings)
         return 0.5 * total / batch_size
 
     def __repr__(self) -> str:
-        return f'{self.__class__.__name__}()'
+        return f'{self.__class__.__name__}(form={self.form!r})'

@@ -42,6 +42,11 @@ resolved first, from (highest first) the explicit ``model=``/``dataset=``
 arguments (the ``--model``/``--dataset`` flags), ``--set model.name=...``,
 the user file, and the defaults (``crane`` on ``synthetic``). The packaged
 YAML files may not set the names or a grid.
+
+A packaged model file may declare the model's hyper-parameter **search
+space** (MMRec's ``hyper_parameters``), a ``search:`` mapping dotted key ->
+list of values like a grid; training ignores it, and
+``benchmarks/compare_models.py --tune`` searches it (:func:`search_space`).
 """
 from __future__ import annotations
 
@@ -65,14 +70,14 @@ from crane_pyg.metrics import METRIC_NAMES  # the metric names of ``train.stop_m
 __all__ = [
     'ConfigError', 'DataConfig', 'TrainConfig', 'ExperimentConfig', 'CONFIG_DIR',
     'METRIC_NAMES', 'load_config', 'expand_grid', 'parse_override', 'load_yaml',
-    'default_data_root',
+    'default_data_root', 'search_space',
 ]
 
 #: directory of the packaged YAML files
 CONFIG_DIR: Path = Path(__file__).resolve().parents[1] / 'configs'
 
 SECTIONS = ('dataset', 'model', 'train')
-_LAYER_KEYS = SECTIONS + ('grid', 'models')
+_LAYER_KEYS = SECTIONS + ('grid', 'models', 'search')
 COMMAND_LINE = 'command line'
 _FOLLOWS_TRAIN_SEED = 'train.seed (a model seed follows the training seed unless set)'
 
@@ -628,6 +633,12 @@ def _flatten_layer(layer: _Layer, schema: _Schema, model_name: str) -> tuple[
                         per_model = per_model or {}
                         per_model[key] = checked
             continue
+        if top == 'search':
+            if not layer.packaged:
+                raise ConfigError('a search space is declared in the packaged model file '
+                                  '(crane_pyg/configs/model/<model>.yaml); use grid: here',
+                                  layer.source, 'search')
+            continue  # read by search_space(), not a training value
         if top == 'grid':
             if layer.packaged:
                 raise ConfigError('a packaged config may not define a grid', layer.source, 'grid')
@@ -815,3 +826,37 @@ def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     An empty grid gives one empty point."""
     keys = list(grid)
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def search_space(model: str, *, config_dir: str | os.PathLike | None = None,
+                 registry: Mapping[str, type] | None = None) -> dict[str, list[Any]]:
+    r"""The hyper-parameter search space declared in ``search:`` of the
+    packaged ``model/<model>.yaml`` (dotted key -> list of values, checked like
+    a grid; empty when the file declares none), for tuning with the same
+    budget for every model (``benchmarks/compare_models.py --tune``).
+
+    Raises:
+        ConfigError: an unknown key, a value of the wrong type, an empty list,
+            or a key that cannot vary (``model.name``, ``dataset.*``).
+    """
+    config_dir = Path(config_dir) if config_dir is not None else CONFIG_DIR
+    schema = _Schema(model, registry)
+    path = config_dir / 'model' / f'{model}.yaml'
+    schema.model_types(model, str(path))
+    if not path.is_file():
+        return {}
+    content = load_yaml(path).get('search') or {}
+    if not isinstance(content, dict):
+        raise ConfigError('expected a mapping dotted key -> list of values', str(path),
+                          'search')
+    space: dict[str, list[Any]] = {}
+    for key, options in content.items():
+        key = str(key)
+        if key == 'model.name' or key.startswith('dataset.'):
+            raise ConfigError('cannot vary in a search', str(path), f'search.{key}')
+        if not isinstance(options, list) or not options:
+            raise ConfigError('expected a non-empty list of values', str(path),
+                              f'search.{key}')
+        space[key] = [schema.check(key, v, str(path), model, display=f'search.{key}')
+                      for v in options]
+    return space

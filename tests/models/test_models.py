@@ -225,19 +225,25 @@ def test_lightgcn_matches_dense_reference(knn_data):
     torch.testing.assert_close(item_emb.double(), ref_i, atol=1e-6, rtol=1e-5)
 
 
-def test_lightgcn_loss_by_hand(knn_data):
-    model = LightGCN.from_data(knn_data, embedding_dim=8, reg_weight=0.5).eval()
+@pytest.mark.parametrize('reg_form', ['mmrec', 'squared'])
+def test_lightgcn_loss_by_hand(knn_data, reg_form):
+    model = LightGCN.from_data(knn_data, embedding_dim=8, reg_weight=0.5,
+                               reg_form=reg_form).eval()
     users, pos, neg = _batch(knn_data, size=16)
     with torch.no_grad():
         u, i = model.embeddings()
         x = (u[users] * i[pos]).sum(-1) - (u[users] * i[neg]).sum(-1)
         bpr = torch.nn.functional.softplus(-x).mean()
-        ego = (model.user_embedding.weight[users].pow(2).sum()
-               + model.item_embedding.weight[pos].pow(2).sum()
-               + model.item_embedding.weight[neg].pow(2).sum())
+        ego = [model.user_embedding.weight[users], model.item_embedding.weight[pos],
+               model.item_embedding.weight[neg]]
         loss, parts = model.loss(users, pos, neg)
     assert parts['bpr'] == pytest.approx(bpr.item(), rel=1e-5)
-    assert parts['reg'] == pytest.approx(0.5 * 0.5 * ego.item() / 16, rel=1e-5)
+    if reg_form == 'mmrec':  # MMRec's EmbLoss: unsquared Frobenius norms / B
+        expected = 0.5 * sum(e.pow(2).sum().sqrt().item() for e in ego) / 16
+    else:
+        expected = 0.5 * 0.5 * sum(e.pow(2).sum().item() for e in ego) / 16
+    assert parts['reg'] == pytest.approx(expected, rel=1e-5)
+    assert LightGCN.option_defaults()['reg_form'] == 'mmrec'
 
 
 def test_vbpr_matches_its_definition(knn_data):

@@ -97,3 +97,14 @@ def test_embedding_l2():
     torch.testing.assert_close(EmbeddingL2()(u), torch.tensor(0.5 * 6 / 2))
     with pytest.raises(ValueError, match='at least one'):
         EmbeddingL2()()
+    # MMRec's EmbLoss: the unsquared Frobenius norms, divided by the batch size
+    torch.testing.assert_close(EmbeddingL2('mmrec')(u, i), torch.tensor((6 ** 0.5 + 3.0) / 2))
+    assert repr(EmbeddingL2('mmrec')) == "EmbeddingL2(form='mmrec')"
+    with pytest.raises(ValueError, match='form'):
+        EmbeddingL2('l1')
+
+
+def test_embedding_l2_mmrec_gradient_is_finite_at_zero():
+    u = torch.zeros(3, 2, requires_grad=True)
+    EmbeddingL2('mmrec')(u).backward()
+    assert torch.isfinite(u.grad).all()
