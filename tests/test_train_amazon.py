@@ -298,3 +298,37 @@ def test_compare_models_sigterm_stops_the_training_subprocess(tiny, tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+
+def test_compare_models_tune_selects_on_validation_and_tests_per_user(tiny, tmp_path):
+    """--tune: each model searches its declared space (same number of points)
+    with the first seed, the winner is the best *validation* point, the first
+    seed's run is that point, and the per-user paired test averages the
+    users' values over seeds (its means equal the table's)."""
+    compare_models = load_compare_models()
+    out = tmp_path / 'cmp'
+    argv = tiny + ['--models', 'lightgcn,vbpr', '--seeds', '1,2', '--epochs', '1',
+                   '--output', str(out), '--in-process', '--tune'] + FAST
+    assert compare_models.main(argv) == 0
+    summary = json.loads((out / 'comparison.json').read_text())
+    for model in ('lightgcn', 'vbpr'):
+        tuning = summary['tuning'][model]
+        assert tuning['trials'] == 4 and tuning['epochs'] == 4
+        grid = json.loads((out / f'{model}-tune' / 'grid_summary.json').read_text())
+        best = max(grid['points'], key=lambda p: p['valid']['recall@20'])
+        assert tuning['params'] == best['params'] == grid['params']
+        seed1 = next(r for r in summary['runs'] if r['model'] == model and r['seed'] == 1)
+        assert seed1['output_dir'] == best['output_dir']
+        seed2 = json.loads((out / f'{model}-seed2' / 'results.json').read_text())
+        for key, value in best['params'].items():  # the winner is trained for seed 2
+            section, name = key.split('.')
+            assert seed2['config'][section][name] == value
+    sig = summary['significance']
+    assert sig['target'] == 'lightgcn' and sig['best_baseline'] == 'vbpr'
+    test = sig['against']['vbpr']['recall@20']
+    rows = {row['model']: row for row in summary['rows']}
+    assert test['mean_a'] == pytest.approx(rows['lightgcn']['test']['recall@20']['mean'], rel=1e-5)
+    assert test['mean_b'] == pytest.approx(rows['vbpr']['test']['recall@20']['mean'], rel=1e-5)
+    assert 0 <= test['p_value'] <= 1
+    markdown = (out / 'comparison.md').read_text()
+    assert 'Tuning (seed 1' in markdown and '| vbpr | recall@20 |' in markdown

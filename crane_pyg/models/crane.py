@@ -123,6 +123,7 @@ class CRANE(Recommender):
              \mathbf{E}^{cf}_{\mathcal{I}_b}, \mathbf{H}_{\mathcal{I}_b})\big]
            + \lambda_{reg} \mathcal{R}\big(\mathbf{E}^{(0)}_u,
              \mathbf{E}^{(0)}_{i^+}, \mathbf{E}^{(0)}_{i^-}\big)
+           + \lambda_{v} \big[\mathrm{BPR}^{cf} + \mathrm{BPR}^{h}\big]
 
        with :math:`\mathcal{U}_b`, :math:`\mathcal{I}_b` the batch's unique
        users and unique positive items (at most ``cl_max_nodes`` of each,
@@ -131,7 +132,11 @@ class CRANE(Recommender):
        :math:`\mathbf{E}^{(0)}` the ID ("ego") embeddings (plus the user
        semantic ID embedding when ``use_profiles=False``) and :math:`\mathcal{R}`
        the L2 term of :class:`~crane_pyg.nn.EmbeddingL2` in the form
-       ``reg_form``.
+       ``reg_form``. :math:`\mathrm{BPR}^{cf}` and :math:`\mathrm{BPR}^{h}`
+       (weight :math:`\lambda_v` = ``view_bpr``) are the BPR losses of the
+       same triples scored by each view alone, :math:`\langle
+       \mathbf{e}^{cf}_u, \mathbf{e}^{cf}_i \rangle` and :math:`\langle
+       \mathbf{h}_u, \mathbf{h}_i \rangle`.
 
     **Cost.** A training step is linear in nodes and edges: :math:`O(L_{ui}
     E d + L_{ii} k I d + I \sum_m d_m d + R (I + U_b) M d^2 + C^2 d)`, with
@@ -202,6 +207,15 @@ class CRANE(Recommender):
             :obj:`None`: every unique node. (default: ``512``)
         temperature (float): :math:`\tau` of InfoNCE. (default: ``0.2``)
         lambda_reg (float): :math:`\lambda_{reg}`. (default: ``1e-4``)
+        view_bpr (float): :math:`\lambda_v`, weight of the per-view BPR
+            terms. With the fused score alone, the content view separates
+            the training triples within a few epochs and the ID view then
+            receives little gradient (BPR's gradient shrinks with the margin):
+            validation recall peaks early and stalls while the ID view
+            slowly catches up. A BPR term of its own trains the ID view as
+            LightGCN would be, and one of the content view trains the
+            content encoders to rank on their own. ``0`` disables them.
+            (default: ``0.0``)
         reg_form (str): ``'squared'`` (:math:`\frac{1}{2B}\sum_k \lVert
             \mathbf{E}_k \rVert^2`) or ``'mmrec'`` (:math:`\frac{1}{B}
             \sum_k \lVert \mathbf{E}_k \rVert`, MMRec's ``EmbLoss``), see
@@ -271,6 +285,7 @@ class CRANE(Recommender):
         cl_max_nodes: Optional[int] = 512,
         temperature: float = 0.2,
         lambda_reg: float = 1e-4,
+        view_bpr: float = 0.0,
         reg_form: Literal['squared', 'mmrec'] = 'squared',
         content_reg: float = 0.0,
         semantic_scale: Optional[float] = 0.2,
@@ -301,6 +316,7 @@ class CRANE(Recommender):
         check_float(name, 'temperature', temperature, 1e-12)
         check_float(name, 'lambda_reg', lambda_reg)
         check_choice(name, 'reg_form', reg_form, L2_FORMS)
+        check_float(name, 'view_bpr', view_bpr)
         check_float(name, 'content_reg', content_reg)
         if semantic_scale is not None:
             check_float(name, 'semantic_scale', semantic_scale)
@@ -343,6 +359,7 @@ class CRANE(Recommender):
         self.content_reg = float(content_reg)
         self.semantic_scale = None if semantic_scale is None else float(semantic_scale)
         self.learn_semantic_scale = bool(learn_semantic_scale)
+        self.view_bpr = float(view_bpr)
         self.use_rca = bool(use_rca)
         self.use_profiles = bool(use_profiles)
         self.use_item_graph = bool(use_item_graph)
@@ -722,6 +739,16 @@ class CRANE(Recommender):
         bpr = self.bpr((u * pos).sum(-1), (u * neg).sum(-1))
         total, parts = bpr, {'bpr': bpr.item()}
 
+        if self.view_bpr > 0:
+            view_bpr = 0.0
+            for users_view, rows_view in ((e_user, e_rows), (h_user, h_rows)):
+                u_view = users_view.index_select(0, user_pos)
+                view_bpr = view_bpr + self.bpr((u_view * rows_view[:size]).sum(-1),
+                                               (u_view * rows_view[size:2 * size]).sum(-1))
+            view_bpr = self.view_bpr * view_bpr
+            total = total + view_bpr
+            parts['view_bpr'] = view_bpr.item()
+
         if self.lambda_cl > 0:
             e_cl, h_cl = self._cl_subset(e_user, h_user)
             cl = self.lambda_cl * (self.info_nce(e_cl, h_cl)
@@ -759,7 +786,8 @@ class CRANE(Recommender):
                 f'embedding_dim={self.embedding_dim}, user_semantic={self.user_semantic!r}, '
                 f'fusion={self.fusion!r}, lambda_cl={self.lambda_cl}, '
                 f'cl_max_nodes={self.cl_max_nodes}, '
-                f'lambda_reg={self.lambda_reg}, reg_form={self.l2.form!r}, '
+                f'lambda_reg={self.lambda_reg}, view_bpr={self.view_bpr}, '
+                f'reg_form={self.l2.form!r}, '
                 f'content_reg={self.content_reg}, semantic_scale={self.semantic_scale}, '
                 f'learn_semantic_scale={self.learn_semantic_scale}, '
                 f'edge_dropout={self.edge_dropout}, '

@@ -520,3 +520,68 @@ def test_compile_modules_without_recursions_compiles_nothing(knn_data):
     model = _model(knn_data, num_recursions=0)
     assert model.compile_modules() == []
     assert model.rca._compiled_call_impl is None
+
+
+def test_view_embeddings_split_the_fused_score(knn_data):
+    model = _model(knn_data).eval()
+    with torch.no_grad():
+        full = model.view_embeddings('full')
+        e = model.view_embeddings('behavioural')
+        h = model.view_embeddings('semantic')
+        embeddings = model.embeddings()
+    for a, b in zip(full, embeddings):
+        torch.testing.assert_close(a, b)
+    for fused, cf, sem in zip(full, e, h):  # fusion='sum'
+        torch.testing.assert_close(fused, cf + sem)
+    assert torch.allclose(h[1].norm(dim=-1), torch.full_like(h[1][:, 0], 0.2))
+    with pytest.raises(ValueError, match='view'):
+        model.view_embeddings('content')
+
+
+def test_learned_semantic_scale(knn_data):
+    model = _model(knn_data, learn_semantic_scale=True, semantic_scale=0.5)
+    torch.testing.assert_close(model.log_semantic_scale.detach().exp(),
+                               torch.tensor([0.5, 0.5]))
+    users, pos, neg = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])
+    model.loss(users, pos, neg)[0].backward()
+    assert model.log_semantic_scale.grad.abs().min() > 0  # both scales are trained
+    with torch.no_grad():
+        model.log_semantic_scale.copy_(torch.log(torch.tensor([2.0, 3.0])))
+        h_user, h_item = model.semantic()
+    assert torch.allclose(h_user.norm(dim=-1), torch.full_like(h_user[:, 0], 2.0))
+    assert torch.allclose(h_item.norm(dim=-1), torch.full_like(h_item[:, 0], 3.0))
+    assert 'log_semantic_scale' in model.state_dict()
+    with pytest.raises(ValueError, match='learn_semantic_scale'):
+        _model(knn_data, learn_semantic_scale=True, semantic_scale=None)
+
+
+@pytest.mark.parametrize('reg_form', ['squared', 'mmrec'])
+def test_crane_reg_form(knn_data, reg_form):
+    model = _model(knn_data, reg_form=reg_form, lambda_cl=0.0, lambda_reg=0.5).eval()
+    users, pos, neg = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])
+    ego = [model.user_embedding.weight[users], model.item_embedding.weight[pos],
+           model.item_embedding.weight[neg]]
+    with torch.no_grad():
+        _, parts = model.loss(users, pos, neg)
+    if reg_form == 'mmrec':
+        expected = 0.5 * sum(e.norm().item() for e in ego) / 3
+    else:
+        expected = 0.5 * 0.5 * sum(e.pow(2).sum().item() for e in ego) / 3
+    assert parts['reg'] == pytest.approx(expected, rel=1e-5)
+
+
+def test_view_bpr_scores_each_view_alone(knn_data):
+    model = _model(knn_data, view_bpr=0.5, lambda_cl=0.0).eval()
+    users, pos, neg = torch.tensor([0, 1, 2, 1]), torch.tensor([0, 1, 2, 3]), \
+        torch.tensor([3, 4, 5, 6])
+    with torch.no_grad():
+        _, parts = model.loss(users, pos, neg)
+        plain = _model(knn_data, lambda_cl=0.0).eval().loss(users, pos, neg)[1]
+        expected = 0.0
+        for view in ('behavioural', 'semantic'):
+            u, i = model.view_embeddings(view)
+            x = (u[users] * i[pos]).sum(-1) - (u[users] * i[neg]).sum(-1)
+            expected += F.softplus(-x).mean().item()
+    assert parts['view_bpr'] == pytest.approx(0.5 * expected, rel=1e-5)
+    assert parts['bpr'] == pytest.approx(plain['bpr'], rel=1e-6)  # the fused term is unchanged
+    assert 'view_bpr' not in plain

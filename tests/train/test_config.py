@@ -378,3 +378,31 @@ def test_packaged_defaults_follow_the_protocol():
     default = load_config()
     assert (default.model_name, default.dataset.name) == ('crane', 'synthetic')
     assert default.train.epochs < 1000  # a short budget for the embedded default run
+
+
+# ---------------------------------------------------------------------------
+# search spaces (compare_models.py --tune)
+# ---------------------------------------------------------------------------
+def test_search_space_from_the_model_file(config_dir, tmp_path):
+    write(config_dir / 'model' / 'alpha.yaml',
+          'model:\n  dim: 16\nsearch:\n  model.lam: [0.1, 0.2]\n  train.lr: [1e-3]\n')
+    space = config_module.search_space('alpha', config_dir=config_dir, registry=REGISTRY)
+    assert space == {'model.lam': [0.1, 0.2], 'train.lr': [1e-3]}
+    assert config_module.search_space('beta', config_dir=config_dir, registry=REGISTRY) == {}
+    # training ignores it
+    assert load(config_dir, model='alpha').model_options['dim'] == 16
+    write(config_dir / 'model' / 'alpha.yaml', 'search:\n  model.lamb: [0.1]\n')
+    with pytest.raises(ConfigError, match='lamb'):
+        config_module.search_space('alpha', config_dir=config_dir, registry=REGISTRY)
+    write(config_dir / 'model' / 'alpha.yaml', 'search:\n  model.lam: []\n')
+    with pytest.raises(ConfigError, match='non-empty'):
+        config_module.search_space('alpha', config_dir=config_dir, registry=REGISTRY)
+    user = write(tmp_path / 'mine.yaml', 'search:\n  model.lam: [0.1]\n')
+    with pytest.raises(ConfigError, match='packaged model file'):
+        load(config_dir, model='alpha', config_file=user)
+
+
+def test_packaged_search_spaces_give_every_model_the_same_budget():
+    sizes = {model: len(expand_grid(config_module.search_space(model)))
+             for model in ('crane', 'lightgcn', 'vbpr', 'freedom')}
+    assert len(set(sizes.values())) == 1 and sizes['crane'] > 1, sizes
