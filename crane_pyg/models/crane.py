@@ -195,6 +195,13 @@ class CRANE(Recommender):
             drops on the synthetic data (validation recall@20 0.17 against
             0.24 with ``0``) and on TikTok; ``0.01`` keeps a mild alignment
             without that cost. (default: ``0.01``)
+        cl_target (str): which view the contrastive term moves: ``'both'``
+            pulls the two views towards each other; ``'semantic'`` stops its
+            gradient into the behavioural view, so that the content view
+            learns to predict the collaborative one (as a student its
+            teacher) while the ID view is trained by the ranking loss alone.
+            With ``'both'`` the ID view is tied to what the content can
+            express. (default: ``'both'``)
         cl_max_nodes (int, optional): at most this many of the batch's unique
             users, and as many of its unique positive items, enter each
             InfoNCE term, drawn uniformly without replacement in every step
@@ -282,6 +289,7 @@ class CRANE(Recommender):
         rebuild_mix: float = 0.5,
         fusion: Literal['sum', 'concat'] = 'sum',
         lambda_cl: float = 0.01,
+        cl_target: Literal['both', 'semantic'] = 'both',
         cl_max_nodes: Optional[int] = 512,
         temperature: float = 0.2,
         lambda_reg: float = 1e-4,
@@ -311,6 +319,7 @@ class CRANE(Recommender):
         check_float(name, 'rebuild_mix', rebuild_mix, 0.0, 1.0)
         check_choice(name, 'fusion', fusion, ('sum', 'concat'))
         check_float(name, 'lambda_cl', lambda_cl)
+        check_choice(name, 'cl_target', cl_target, ('both', 'semantic'))
         if cl_max_nodes is not None:
             check_int(name, 'cl_max_nodes', cl_max_nodes, 2)
         check_float(name, 'temperature', temperature, 1e-12)
@@ -354,6 +363,7 @@ class CRANE(Recommender):
         self.rebuild_mix = float(rebuild_mix)
         self.fusion = fusion
         self.lambda_cl = float(lambda_cl)
+        self.cl_target = cl_target
         self.cl_max_nodes = None if cl_max_nodes is None else int(cl_max_nodes)
         self.lambda_reg = float(lambda_reg)
         self.content_reg = float(content_reg)
@@ -751,8 +761,11 @@ class CRANE(Recommender):
 
         if self.lambda_cl > 0:
             e_cl, h_cl = self._cl_subset(e_user, h_user)
+            e_cl_items = e_rows[2 * size:]
+            if self.cl_target == 'semantic':  # the ID view is the fixed target
+                e_cl, e_cl_items = e_cl.detach(), e_cl_items.detach()
             cl = self.lambda_cl * (self.info_nce(e_cl, h_cl)
-                                   + self.info_nce(e_rows[2 * size:], h_rows[2 * size:]))
+                                   + self.info_nce(e_cl_items, h_rows[2 * size:]))
             total = total + cl
             parts['cl'] = cl.item()
         if self.lambda_reg > 0:
@@ -784,7 +797,7 @@ class CRANE(Recommender):
     def extra_repr(self) -> str:
         return (f'{super().extra_repr()}, modalities={self.modalities}, '
                 f'embedding_dim={self.embedding_dim}, user_semantic={self.user_semantic!r}, '
-                f'fusion={self.fusion!r}, lambda_cl={self.lambda_cl}, '
+                f'fusion={self.fusion!r}, lambda_cl={self.lambda_cl}, cl_target={self.cl_target!r}, '
                 f'cl_max_nodes={self.cl_max_nodes}, '
                 f'lambda_reg={self.lambda_reg}, view_bpr={self.view_bpr}, '
                 f'reg_form={self.l2.form!r}, '

@@ -585,3 +585,22 @@ def test_view_bpr_scores_each_view_alone(knn_data):
     assert parts['view_bpr'] == pytest.approx(0.5 * expected, rel=1e-5)
     assert parts['bpr'] == pytest.approx(plain['bpr'], rel=1e-6)  # the fused term is unchanged
     assert 'view_bpr' not in plain
+
+
+def test_cl_target_semantic_leaves_the_id_view_to_the_ranking_loss(knn_data):
+    users, pos, neg = torch.tensor([0, 1, 2, 1]), torch.tensor([0, 1, 2, 3]), \
+        torch.tensor([3, 4, 5, 6])
+    grads = {}
+    for name, options in {'off': dict(lambda_cl=0.0),
+                          'semantic': dict(lambda_cl=1.0, cl_target='semantic'),
+                          'both': dict(lambda_cl=1.0, cl_target='both')}.items():
+        model = _model(knn_data, **options).eval()
+        loss, parts = model.loss(users, pos, neg)
+        loss.backward()
+        grads[name] = (model.user_embedding.weight.grad.clone(),
+                       model.encoders[0].weight.grad.clone())
+    # the contrastive term changes no ID gradient with cl_target='semantic' ...
+    torch.testing.assert_close(grads['semantic'][0], grads['off'][0])
+    # ... but still trains the content side, and moves the ID view with 'both'
+    assert not torch.allclose(grads['semantic'][1], grads['off'][1])
+    assert not torch.allclose(grads['both'][0], grads['off'][0])
