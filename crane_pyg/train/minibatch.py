@@ -98,7 +98,7 @@ fits whenever the embedding tables do.
 
 Scope: :class:`MiniBatchLightGCN` supports :class:`~crane_pyg.models.LightGCN`
 and :class:`MiniBatchCRANE` supports :class:`~crane_pyg.models.CRANE` (every
-option but ``id_item_graph=True``, which raises; with ``rca_dropout > 0`` the dropout masks differ from a full-batch
+option; with ``rca_dropout > 0`` the dropout masks differ from a full-batch
 step's, as between any two steps). :func:`minibatch_loss_module` picks the
 one for a model (what ``train.num_neighbors`` does) and raises
 :class:`TypeError` for the other models (VBPR, FREEDOM).
@@ -383,9 +383,6 @@ class MiniBatchCRANE(nn.Module):
             raise TypeError(f'MiniBatchCRANE supports CRANE only, got '
                             f'{type(model).__name__} (use MiniBatchLightGCN for LightGCN, '
                             f'or minibatch_loss_module to pick)')
-        if getattr(model, 'id_item_graph', False):
-            raise NotImplementedError('MiniBatchCRANE does not support id_item_graph=True '
-                                      '(train full-batch: train.num_neighbors: null)')
         if num_neighbors is None:
             num_neighbors = [-1] * model.num_ui_layers
         num_neighbors = [_check_fanout(k, 'num_neighbors') for k in num_neighbors]
@@ -498,6 +495,18 @@ class MiniBatchCRANE(nn.Module):
                                   _local_ids(nodes, source.index_select(0, pos))])
         return nodes, edge_index, weight.index_select(0, pos)
 
+    def smoothed_item_ids(self, items: Tensor) -> Tensor:
+        r""":math:`(\hat{\mathbf{S}}^{L_{ii}} \mathbf{E}^{(0)}_I)` of the unique
+        ``items`` (``id_item_graph=True``), from their :math:`L_{ii}`-hop
+        item-item neighbourhood only."""
+        model = self.model
+        nodes, edge_index, edge_weight = self.item_closure(items)
+        h = model.item_embedding(nodes)
+        adj = self.item_conv.adjacency(edge_index, nodes.numel(), edge_weight.to(h.dtype))
+        for _ in range(model.num_ii_layers):
+            h = self.item_conv(h, adj)
+        return h[:items.numel()]
+
     def semantic(self, batch_users: Tensor, items: Tensor) -> Tuple[Tensor, Tensor]:
         r"""The semantic view :math:`(\mathbf{H}_{users}, \mathbf{H}_{items})`,
         ``[U_b, d]`` and ``[len(items), d]``, of the unique ``batch_users``
@@ -584,6 +593,8 @@ class MiniBatchCRANE(nn.Module):
         self.last_stats = {'users': int(batch_users.numel())}
         cf = self.behavioural(torch.cat([batch_users, items + model.num_users]))
         e_user, e_items = cf[:batch_users.numel()], cf[batch_users.numel():]
+        if model.id_item_graph:
+            e_items = e_items + self.smoothed_item_ids(items)
         h_user, h_items = self.semantic(batch_users, items)
         e_rows, h_rows = e_items.index_select(0, item_pos), h_items.index_select(0, item_pos)
         return model.objective(users, pos_items, neg_items, user_pos, e_user, h_user,

@@ -186,8 +186,9 @@ def test_item_graph_is_the_transforms_matrix(knn_data):
 def test_id_item_graph_adds_the_smoothed_item_ids(knn_data):
     """``id_item_graph=True``: the behavioural item view gains S^L_ii E_I (the
     dense item matrix times the ID table); the user view is unchanged."""
-    plain = _model(knn_data, num_ii_layers=2)
+    plain = _model(knn_data, num_ii_layers=2, id_item_graph=False)
     smoothed = _model(knn_data, num_ii_layers=2, id_item_graph=True)
+    assert CRANE.option_defaults()['id_item_graph'] is True
     smoothed.load_state_dict(plain.state_dict())
     with torch.no_grad():
         e_user, e_item = plain.behavioural()
@@ -196,8 +197,10 @@ def test_id_item_graph_adds_the_smoothed_item_ids(knn_data):
     expected = e_item.double() + s @ (s @ plain.item_embedding.weight.double())
     torch.testing.assert_close(s_user, e_user)
     torch.testing.assert_close(s_item.double(), expected, atol=1e-6, rtol=1e-5)
-    with pytest.raises(ValueError, match='id_item_graph'):
-        _model(knn_data, id_item_graph=True, use_item_graph=False)
+    # without an item graph (the ablation) there is nothing to smooth over
+    for options in (dict(use_item_graph=False), dict(num_ii_layers=0)):
+        model = _model(knn_data, id_item_graph=True, **options)
+        assert not model.id_item_graph
 
 
 @pytest.mark.parametrize('fusion', ['sum', 'concat'])

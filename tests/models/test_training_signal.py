@@ -52,3 +52,41 @@ def test_crane_beats_popularity_and_untrained(tmp_path_factory):
     assert last < 0.7 * first
     assert trained > untrained + 0.05, (trained, untrained)
     assert trained > popularity + 0.01, (trained, popularity)
+
+
+@pytest.mark.slow
+def test_content_view_changes_rankings_of_trained_crane(tmp_path_factory):
+    """On a trained CRANE with the default options the content view is
+    visible in the ranking: removing it (ID view only) changes the top-20 of
+    most users and the validation recall, and the content view alone ranks
+    far better than chance. Fails if a default makes the content view
+    negligible (e.g. a tiny fixed norm) or disconnects it from the score."""
+    torch.manual_seed(0)
+    data = load_synthetic(tmp_path_factory.mktemp('views'))
+    evaluator = FullRankingEvaluator(data, split='valid', ks=(20, ))
+    model = CRANE.from_data(data)
+    sampler = BPRSampler.from_data(data, seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for epoch in range(EPOCHS):
+        model.train()
+        model.on_epoch_start(epoch)
+        for users, pos, neg in sampler.batches(epoch, 2048):
+            optimizer.zero_grad()
+            model.loss(users, pos, neg)[0].backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        views = {view: model.view_embeddings(view)
+                 for view in ('full', 'behavioural', 'semantic')}
+        recall = {view: evaluator.evaluate(lambda u, e=emb: model.score_all_items(u, e))
+                  ['recall@20'] for view, emb in views.items()}
+        full = evaluator.recommend(lambda u: model.score_all_items(u, views['full']),
+                                   evaluator.users, 20)
+        ids = evaluator.recommend(lambda u: model.score_all_items(u, views['behavioural']),
+                                  evaluator.users, 20)
+    overlap = (full.unsqueeze(-1) == ids.unsqueeze(-2)).any(-1).float().mean(-1)
+    chance = 20 / data[ITEM].num_nodes
+    assert recall['semantic'] > 5 * chance, recall
+    assert (overlap < 1).float().mean() > 0.5, overlap.mean()
+    assert overlap.mean() < 0.9, overlap.mean()
+    assert abs(recall['full'] - recall['behavioural']) > 1e-3, recall

@@ -177,7 +177,10 @@ def test_crane_full_fanout_equals_full_batch(synthetic_data, user_semantic, edge
     dict(use_profiles=False, use_rca=False, num_ui_layers=1),
     dict(use_item_graph=False, fusion='concat', semantic_scale=None, user_semantic='items'),
     dict(eval_mode=True, edge_dropout=0.3, num_ii_layers=1),
-], ids=['profiles-on-the-fly', 'no-profiles-no-rca', 'no-item-graph-concat', 'eval'])
+    dict(id_item_graph=False, num_ii_layers=2),
+    dict(id_item_graph=True, num_ii_layers=2),
+], ids=['profiles-on-the-fly', 'no-profiles-no-rca', 'no-item-graph-concat', 'eval',
+        'no-id-item-graph', 'id-item-graph-2-hops'])
 def test_crane_full_fanout_equals_full_batch_variants(synthetic_data, options):
     options = dict(options)
     eval_mode = options.pop('eval_mode', False)
@@ -253,8 +256,6 @@ def test_crane_bad_arguments(synthetic_data):
         MiniBatchCRANE(model, [-1, -1], item_mean_fanout=0)
     with pytest.raises(TypeError, match='CRANE only'):
         MiniBatchCRANE(LightGCN(U, I, edges()))
-    with pytest.raises(NotImplementedError, match='id_item_graph'):
-        MiniBatchCRANE(crane(synthetic_data, num_ii_layers=1, id_item_graph=True))
     assert isinstance(minibatch_loss_module(model, [4, 4]), MiniBatchCRANE)
     assert isinstance(minibatch_loss_module(LightGCN(U, I, edges()), [2, 2]),
                       MiniBatchLightGCN)
