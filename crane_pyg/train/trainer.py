@@ -1013,7 +1013,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - every error is one line (--debug: traceback)
         if args.debug:
             traceback.print_exc()
-        code, message = _error_line(exc)
+        code, message = _error_line(exc, args.debug)
         print(f'{name}: error: {message}', file=sys.stderr)
         return code
     finally:
@@ -1032,7 +1032,7 @@ def _one_line_warnings(name: str):
         yield
 
 
-def _error_line(exc: Exception) -> tuple[int, str]:
+def _error_line(exc: Exception, debug: bool = False) -> tuple[int, str]:
     r"""The exit code and message of an error that ended :func:`main`."""
     from crane_pyg.data import DataFormatError
     if isinstance(exc, CheckpointWriteError):
@@ -1046,8 +1046,8 @@ def _error_line(exc: Exception) -> tuple[int, str]:
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         return 1, f'{exc.filename}: {exc.strerror}'
     lines = str(exc).strip().splitlines()
-    return 1, (f'{type(exc).__name__}: {lines[0] if lines else ""} '
-               f'(--debug shows the traceback)')
+    return 1, (f'{type(exc).__name__}: {lines[0] if lines else ""}'
+               f'{"" if debug else " (--debug shows the traceback)"}')
 
 
 def _no_run_to_overwrite(output: Path, *, resume: bool, overwrite: bool) -> None:
