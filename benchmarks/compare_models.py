@@ -152,8 +152,8 @@ def _cli_args(args: argparse.Namespace, model: str, seed: int, out: Path,
         argv += ['--device', args.device]
     for override in [*args.overrides, *extra]:
         argv += ['--set', override]
-    if args.resume:
-        argv.append('--resume')
+    # without --resume a comparison recomputes its runs (as the in-process mode does)
+    argv.append('--resume' if args.resume else '--overwrite')
     if args.quiet:
         argv.append('--quiet')
     return argv
