@@ -68,7 +68,7 @@ from .utils import (atomic_write, atomic_write_json, atomic_write_text, availabl
                     compile_support_problem, configure_reproducibility, get_rng_state,
                     library_versions, peak_memory_mb, remove_stale_temporaries,
                     reset_peak_memory, resolve_device, set_rng_state, sigterm_as_interrupt,
-                    to_jsonable)
+                    interrupts_deferred, to_jsonable)
 
 __all__ = ['Trainer', 'DatasetNotFoundError', 'load_dataset', 'locate_dataset', 'run_experiment',
            'run_single', 'run_grid', 'plot_curves', 'format_metrics_table', 'run_name',
@@ -349,11 +349,13 @@ class Trainer:
             self.log(line)
 
     def _save_last(self) -> None:
+        with interrupts_deferred():  # last.pt and _saved_epoch agree whenever Ctrl-C comes
+            if self.is_main:
+                save_checkpoint(self.output_dir / LAST, self.state())
+            self._saved_epoch = self.epoch
         if self.is_main:
-            save_checkpoint(self.output_dir / LAST, self.state())
             # what a run killed while writing it left (taking the lock removes them too)
             remove_stale_temporaries(self.output_dir, LAST)
-        self._saved_epoch = self.epoch
 
     # ------------------------------------------------------------------
     # the loop

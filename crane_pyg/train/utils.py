@@ -24,7 +24,7 @@ import torch
 __all__ = [
     'atomic_write', 'atomic_write_text', 'atomic_write_json', 'remove_stale_temporaries',
     'configure_reproducibility', 'seed_everything', 'get_rng_state', 'set_rng_state',
-    'resolve_device', 'available_cpus', 'sigterm_as_interrupt',
+    'resolve_device', 'available_cpus', 'sigterm_as_interrupt', 'interrupts_deferred',
     'reset_peak_memory', 'peak_memory_mb', 'library_versions', 'to_jsonable',
 ]
 
@@ -235,6 +235,28 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM are held back and delivered (to
+    the handlers in place before) once it ends, so that the block completes:
+    e.g. a checkpoint and the record of the epoch it holds, which a Ctrl-C
+    between the two would make disagree. Does nothing outside the main
+    thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            signal.raise_signal(received[0])
 
 
 # ---------------------------------------------------------------------------

@@ -526,3 +526,24 @@ def test_checkpoint_errors_say_why(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / LAST)['epoch'] == 1  # the previous one is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ['empty.pt', 'junk.pt', LAST]
+
+
+def test_an_interrupt_during_the_checkpoint_waits_for_it(synthetic_data, tmp_path, monkeypatch,
+                                                          capsys):
+    """A Ctrl-C (or SIGTERM) right after last.pt is replaced but before the
+    trainer notes its epoch used to make the message name the epoch before."""
+    import os
+    import signal
+    from crane_pyg.train import trainer as trainer_module
+    real = trainer_module.save_checkpoint
+
+    def save_then_ctrl_c(path, state):
+        real(path, state)
+        if Path(path).name == LAST and state['epoch'] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(trainer_module, 'save_checkpoint', save_then_ctrl_c)
+    results = make_trainer(synthetic_data, tmp_path).fit()
+    assert results['status'] == 'interrupted' and results['epochs_run'] == 2
+    assert load_checkpoint(tmp_path / LAST)['epoch'] == 1
+    assert f'{tmp_path / LAST} holds the state after epoch 1' in capsys.readouterr().err
