@@ -53,7 +53,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -71,7 +70,8 @@ from crane_pyg.train import (ConfigError, DatasetNotFoundError, expand_grid, loa
 from crane_pyg.train.config import search_space
 from crane_pyg.train.runs import load_trained_run, per_user_metrics
 from crane_pyg.train.trainer import locate_dataset
-from crane_pyg.train.utils import atomic_write_json, atomic_write_text, library_versions
+from crane_pyg.train.utils import (atomic_write_json, atomic_write_text, library_versions,
+                                   sigterm_as_interrupt)
 
 #: test metrics of the table (mean ± std over seeds)
 TABLE_METRICS = ('recall@10', 'recall@20', 'ndcg@10', 'ndcg@20')
@@ -152,8 +152,8 @@ def _cli_args(args: argparse.Namespace, model: str, seed: int, out: Path,
         argv += ['--device', args.device]
     for override in [*args.overrides, *extra]:
         argv += ['--set', override]
-    if args.resume:
-        argv.append('--resume')
+    # without --resume a comparison recomputes its runs (as the in-process mode does)
+    argv.append('--resume' if args.resume else '--overwrite')
     if args.quiet:
         argv.append('--quiet')
     return argv
@@ -190,10 +190,6 @@ def stop_child(proc: subprocess.Popen, grace: float = 60.0) -> int:
         except subprocess.TimeoutExpired:
             pass
     return proc.returncode
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f'signal {signum}')
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, Any]:
@@ -420,11 +416,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops the runs too
     try:
-        summary = compare(args)
+        with sigterm_as_interrupt():  # `kill` stops the runs too
+            summary = compare(args)
     except (ConfigError, DatasetNotFoundError) as exc:
         print(f'compare_models.py: error: {exc}', file=sys.stderr)
         return 2
@@ -435,9 +429,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print('compare_models.py: interrupted; rerun with --resume to continue',
               file=sys.stderr)
         return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     print()
     print(to_markdown(summary))
     return 0

@@ -15,9 +15,11 @@ folder), e.g. ``./data/baby/{baby.inter,image_feat.npy,text_feat.npy}``::
         --set train.lr=5e-4
     python examples/train_amazon.py --dataset baby --resume   # continue a run
 
-Outputs go to ``runs/<dataset>-<model>-seed<seed>/`` (``--output``):
-``results.json``, ``history.jsonl``, ``curves.png``, ``config.yaml``,
-``last.pt`` and ``best.pt``. A ``grid:`` mapping in a ``--config`` file
+Outputs go to ``runs/<dataset>-<model>-seed<seed>-<hash>/`` (``--output``;
+``hash`` identifies the resolved configuration): ``results.json``,
+``history.jsonl``, ``curves.png``, ``config.yaml``, ``last.pt`` and
+``best.pt``; a directory holding a run is refused without ``--resume`` or
+``--overwrite``, and one in use by another run is refused. A ``grid:`` mapping in a ``--config`` file
 trains every point and picks the best by validation Recall@20. All the logic
 lives in :mod:`crane_pyg.train`; see ``--help``.
 """

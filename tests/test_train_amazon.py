@@ -48,7 +48,9 @@ def test_default_run_trains_crane_on_the_embedded_dataset(tmp_path, monkeypatch,
     # the default run; one thread only because the test machine's cores are shared
     assert main(['--epochs', '2', '--set', 'train.num_threads=1']) == 0
     out = capsys.readouterr().out
-    run = tmp_path / 'runs' / 'synthetic-crane-seed999'
+    [run] = (tmp_path / 'runs').iterdir()  # runs/<dataset>-<model>-seed<seed>-<config hash>
+    assert run.name.startswith('synthetic-crane-seed999-') and len(run.name) == 32
+    assert f'results: {run.relative_to(tmp_path) / "results.json"}' in out
     results = json.loads((run / 'results.json').read_text())
     assert results['model'] == 'crane' and results['dataset'] == 'synthetic'
     assert results['epochs_run'] == 2 and results['config']['train']['epochs'] == 2
@@ -131,8 +133,8 @@ def test_modality_selection(tiny, tmp_path, capsys):
     assert main(tiny + ['--model', 'vbpr', '--output', str(out), '--epochs', '1',
                         '--set', 'dataset.modalities=[text]'] + FAST) == 0
     assert json.loads((out / 'results.json').read_text())['data']['modalities'] == ['text']
-    assert main(tiny + ['--model', 'vbpr', '--output', str(out), '--epochs', '1',
-                        '--set', 'dataset.modalities=[audio]'] + FAST) == 2
+    assert main(tiny + ['--model', 'vbpr', '--output', str(tmp_path / 'audio'), '--epochs',
+                        '1', '--set', 'dataset.modalities=[audio]'] + FAST) == 2
     assert "has modalities ['image', 'text'], not ['audio']" in capsys.readouterr().err
 
 
@@ -202,6 +204,229 @@ def test_model_that_cannot_use_the_dataset_exits_with_2(tmp_path, capsys):
                  '--epochs', '1', '--output', str(tmp_path / 'out')]) == 2
     err = capsys.readouterr().err
     assert "cannot build model 'vbpr' on dataset 'idonly'" in err
+
+
+# ---------------------------------------------------------------------------
+# output directories: one run each, never overwritten
+# ---------------------------------------------------------------------------
+def start_training(argv: list[str], tmp_path: Path, **env: str) -> subprocess.Popen:
+    """examples/train_amazon.py in a child process (one thread, an endless
+    run); its stderr goes to tmp_path/stderr.txt."""
+    stderr = open(tmp_path / 'stderr.txt', 'wb')  # a file: a pipe could fill up
+    with stderr:
+        return subprocess.Popen(
+            [sys.executable, str(SCRIPT), *argv, '--epochs', '100000', '--set',
+             'train.patience=100000', '--set', 'train.num_threads=1'],
+            env={**os.environ, 'PYTHONPATH': str(REPO), **env},
+            stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, (proc.returncode, proc.args)
+        assert time.monotonic() < deadline, 'the training process did not get there in time'
+        time.sleep(0.1)
+
+
+def one_line(err: str) -> str:
+    """The single line of ``err`` (and no traceback)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and 'Traceback' not in err, err
+    return lines[0]
+
+
+def test_a_second_run_into_a_busy_output_directory_is_refused(tiny, tmp_path, capsys):
+    import yaml
+    out = tmp_path / 'same'
+    first = start_training(tiny + ['--model', 'lightgcn', '--output', str(out), '--set',
+                                   'train.lr=0.001'] + FAST, tmp_path)
+    try:
+        wait_for(lambda: (out / 'last.pt').exists(), first)
+        assert main(tiny + ['--model', 'lightgcn', '--output', str(out), '--epochs', '1',
+                            '--set', 'train.lr=0.01'] + FAST) == 2
+        line = one_line(capsys.readouterr().err)
+        assert f'{out} is in use by another run (pid {first.pid}, started' in line
+        assert 'train_amazon.py' in line  # the other run's command
+        wait_for(lambda: (out / 'history.jsonl').read_text().count('\n') >= 2, first)
+    finally:
+        first.terminate()
+        first.wait(timeout=60)
+    # the first run's files are its own
+    assert yaml.safe_load((out / 'config.yaml').read_text())['train']['lr'] == 0.001
+    epochs = [json.loads(line)['epoch'] for line in (out / 'history.jsonl').read_text().splitlines()]
+    assert epochs == list(range(len(epochs)))
+    assert not (out / 'results.json').exists() and not (out / 'run.lock').exists()
+
+
+def test_default_output_is_per_configuration_and_never_overwritten(tiny, tmp_path, monkeypatch,
+                                                                    capsys):
+    monkeypatch.chdir(tmp_path)
+    base = tiny + ['--model', 'lightgcn'] + FAST
+    assert main(base + ['--epochs', '2']) == 0
+    [first] = (tmp_path / 'runs').iterdir()
+    kept = {name: (first / name).read_bytes() for name in ('results.json', 'best.pt')}
+    # other settings: another folder, the first run's results survive
+    assert main(base + ['--epochs', '1', '--set', 'train.lr=0.01']) == 0
+    assert len(list((tmp_path / 'runs').iterdir())) == 2
+    assert all((first / name).read_bytes() == data for name, data in kept.items())
+    capsys.readouterr()
+    # the same settings (the number of epochs may change on resume) are the same folder
+    assert main(base + ['--epochs', '1']) == 2
+    line = one_line(capsys.readouterr().err)
+    assert f'{first.relative_to(tmp_path)} holds a finished run (results.json)' in line
+    assert '--overwrite' in line
+    assert all((first / name).read_bytes() == data for name, data in kept.items())
+    # --resume finds it and continues it; --overwrite replaces it
+    assert main(base + ['--epochs', '3', '--resume']) == 0
+    assert json.loads((first / 'results.json').read_text())['epochs_run'] == 3
+    assert main(base + ['--epochs', '1', '--overwrite']) == 0
+    assert json.loads((first / 'results.json').read_text())['epochs_run'] == 1
+    (first / 'results.json').unlink()  # as after Ctrl-C: last.pt only
+    capsys.readouterr()
+    assert main(base + ['--epochs', '1']) == 2
+    assert 'holds an unfinished run (last.pt; --resume continues it)' in one_line(
+        capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------------
+# every error one line on stderr, exit code 2 (usage) or 1 (failed run)
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize('argv, expected', [
+    (['--seed', str(2**70)], "command line (train.seed): key 'train.seed': must be at most "
+                             "2**63 - 1"),
+    (['--set', 'train.ks=[20, 100000]'], "key 'train.ks': cut-off 100000 is larger than the "
+                                         "200 items of dataset 'synthetic-small'"),
+    pytest.param(['--device', 'cuda'], "key 'train.device': device 'cuda' requested but CUDA "
+                 "is not available", marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                               reason='has CUDA')),
+    pytest.param(['--set', 'train.device=mps'], "key 'train.device': device 'mps' requested but "
+                 "MPS is not available", marks=pytest.mark.skipif(
+                     torch.backends.mps.is_available(), reason='has MPS')),
+])
+def test_usage_errors_are_one_line_with_exit_code_2(tiny, tmp_path, capsys, argv, expected):
+    assert main(tiny + argv + ['--output', str(tmp_path / 'out'), '--epochs', '1'] + FAST) == 2
+    assert expected in one_line(capsys.readouterr().err)
+
+
+def test_binary_config_file(tmp_path, capsys):
+    config = tmp_path / 'weights.bin'
+    config.write_bytes(b'\x89PNG\r\n\x1a\n\x00\x00')
+    assert main(['--config', str(config)]) == 2
+    assert (f'{config}: not a YAML text file: byte 0x89 at offset 0 is not UTF-8'
+            in one_line(capsys.readouterr().err))
+
+
+def test_unusable_output_directories(tiny, tmp_path, monkeypatch, capsys):
+    from crane_pyg.train import rundir
+    (tmp_path / 'a-file').write_text('x')
+    assert main(tiny + ['--output', str(tmp_path / 'a-file')] + FAST) == 2
+    assert f'{tmp_path / "a-file"} exists and is not a directory' in one_line(
+        capsys.readouterr().err)
+    assert (tmp_path / 'a-file').read_text() == 'x'
+    real_open = os.open
+
+    def read_only(path, flags, *args):  # what a read-only mount answers
+        if str(path).endswith(rundir.LOCK):
+            raise OSError(30, 'Read-only file system', str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(rundir.os, 'open', read_only)
+    assert main(tiny + ['--output', str(tmp_path / 'ro')] + FAST) == 2
+    assert (f'cannot write to the output directory {tmp_path / "ro"}: Read-only file system'
+            in one_line(capsys.readouterr().err))
+
+
+def test_full_disk_while_saving_a_checkpoint_exits_1(tiny, tmp_path, monkeypatch, capsys):
+    import contextlib
+    from crane_pyg.train import checkpoint
+    if not Path('/dev/full').exists():
+        pytest.skip('needs /dev/full')
+
+    @contextlib.contextmanager
+    def full_disk(path, mode):  # every write fails with ENOSPC, as torch.save meets it
+        with open('/dev/full', mode) as f:
+            yield f
+
+    monkeypatch.setattr(checkpoint, 'atomic_write', full_disk)
+    out = tmp_path / 'run'
+    assert main(tiny + ['--model', 'lightgcn', '--output', str(out), '--epochs', '1'] + FAST) == 1
+    line = one_line(capsys.readouterr().err)
+    assert f'cannot write checkpoint {out / "last.pt"}: No space left on device (errno 28)' in line
+
+
+def test_a_diverging_run_exits_1_and_debug_shows_the_traceback(tiny, tmp_path, capsys):
+    argv = tiny + ['--model', 'crane', '--output', str(tmp_path / 'run'), '--epochs', '2',
+                   '--set', 'train.lr=1e6'] + FAST
+    assert main(argv) == 1
+    assert 'error: the run diverged: the training loss is nan at epoch 0' in one_line(
+        capsys.readouterr().err)
+    assert main(['--seed', str(2**70), '--debug']) == 2
+    err = capsys.readouterr().err
+    assert 'Traceback' in err and err.strip().splitlines()[-1].endswith(
+        f'must be at most 2**63 - 1 = {2**63 - 1}, got {2**70}')
+
+
+def test_resume_from_an_empty_checkpoint(tiny, tmp_path, capsys):
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'last.pt').write_bytes(b'')
+    assert main(tiny + ['--model', 'lightgcn', '--output', str(out), '--resume'] + FAST) == 2
+    assert (f'cannot read checkpoint {out / "last.pt"}: the file is empty (0 bytes)'
+            in one_line(capsys.readouterr().err))
+
+
+def test_a_missing_modality_is_warned_about(tmp_path, capsys):
+    from crane_pyg.data import make_synthetic
+    make_synthetic(tmp_path / 'textonly', num_users=60, num_items=50, num_interactions=500,
+                   modalities={'text': 8}, seed=1)
+    argv = ['--data-root', str(tmp_path), '--dataset', 'textonly', '--model', 'vbpr',
+            '--epochs', '1'] + FAST
+    assert main(argv + ['--output', str(tmp_path / 'a')]) == 0
+    line = one_line(capsys.readouterr().err)
+    assert (f"warning: dataset 'textonly' has a single modality, 'text': no other "
+            f"<modality>_feat.npy in {tmp_path / 'textonly'}, so vbpr trains on text alone"
+            in line) and 'dataset.modalities=[text]' in line
+    # confirmed: no warning; a model without content features: no warning
+    assert main(argv + ['--output', str(tmp_path / 'b'), '--set', 'dataset.modalities=[text]']) == 0
+    assert main(argv + ['--output', str(tmp_path / 'c'), '--model', 'lightgcn']) == 0
+    assert capsys.readouterr().err == ''
+
+
+def test_stale_temporaries_are_removed(tiny, tmp_path):
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / '.last.pt.q8x_2mzk.tmp').write_bytes(b'half a checkpoint')  # a kill mid-write
+    assert main(tiny + ['--model', 'lightgcn', '--output', str(out), '--epochs', '1'] + FAST) == 0
+    assert not list(out.glob('.*.tmp'))
+
+
+@pytest.mark.skipif(not hasattr(os, 'killpg'), reason='POSIX signals')
+def test_sigterm_saves_says_how_to_resume_and_leaves_no_temporary_files(tiny, tmp_path):
+    import signal
+    from crane_pyg.train import load_checkpoint
+    tmp = tmp_path / 'tmp'
+    tmp.mkdir()
+    out = tmp_path / 'run'
+    proc = start_training(tiny + ['--model', 'crane', '--output', str(out)] + FAST, tmp_path,
+                          TMPDIR=str(tmp))
+    try:
+        wait_for(lambda: (out / 'history.jsonl').exists()
+                 and (out / 'history.jsonl').read_text().count('\n') >= 1, proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130  # as for Ctrl-C
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = (tmp_path / 'stderr.txt').read_text()
+    assert 'Traceback' not in err
+    epoch = load_checkpoint(out / 'last.pt')['epoch']
+    assert epoch >= 0 and f'holds the state after epoch {epoch}' in err
+    resume = next(line for line in err.splitlines() if line.startswith('to resume: '))
+    assert resume.endswith('--resume') and f'--output {out}' in resume
+    assert [p.name for p in tmp.iterdir() if not p.name.startswith('torchinductor_')] == []
+    assert not (out / 'run.lock').exists()
 
 
 # ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ A dataset is a folder ``<name>/`` holding
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
@@ -98,10 +99,12 @@ def load_mmrec(
         DataFormatError: the folder or ``.inter`` file is missing, or a file
             breaks the format.  The message names the file, the line (1-based,
             the header is line 1) or feature row, and the fault: header
-            columns, field count, non-integer or negative ids, ``x_label``
+            columns, field count, text that is not UTF-8, non-integer or
+            negative ids, ``x_label``
             outside :math:`\{0, 1, 2\}`, non-contiguous ids, duplicate or
             conflicting (user, item) pairs, an empty split, feature files that
-            are not 2-D floating-point ``[I, d]`` matrices or hold NaN/Inf.
+            are not 2-D floating-point ``[I, d]`` matrices or hold NaN/Inf, a
+            directory named ``<modality>_feat.npy``.
     """
     if duplicates not in ('drop', 'error'):
         raise ValueError(f"'duplicates' must be 'drop' or 'error' (got {duplicates!r})")
@@ -248,24 +251,44 @@ def _check_field_counts(path: Path, raw: bytes, body: np.ndarray, num_fields: in
     return int(line_ends.size)
 
 
+#: what NumPy's int64 parser accepts: optional blanks and sign, ASCII digits
+#: (Python's ``int`` also takes ``'2_0'`` and non-ASCII digits)
+_INTEGER = re.compile(rb'[ ]*[+-]?[0-9]+[ ]*')
+
+
 def _diagnose_tokens(path: Path, raw: bytes, columns: Sequence[int]) -> None:
-    r"""Finds the first field that is not an int64 integer and raises a
-    :class:`DataFormatError` naming it.  Runs only after the vectorised parser
-    failed, so a per-line scan is affordable here."""
-    lines = raw.decode('utf-8', errors='replace').split('\n')
-    for lineno, line in enumerate(lines[1:], start=2):
-        fields = line.rstrip('\r').split('\t')
+    r"""Finds the first line that is not UTF-8 text or whose ``userID``,
+    ``itemID`` or ``x_label`` field is not an int64 integer as NumPy reads
+    it, and raises a :class:`DataFormatError` naming the line and the value.
+    Runs only after the vectorised parser failed, so a per-line scan is
+    affordable here."""
+    lines = raw.split(b'\n')
+    if lines and lines[-1] == b'':
+        lines.pop()  # the empty string after the final newline is no line
+    for lineno, line in enumerate(lines, start=1):
+        line = line.rstrip(b'\r')
+        try:
+            line.decode('utf-8-sig' if lineno == 1 else 'utf-8')
+        except UnicodeDecodeError as error:
+            fields = line[:error.start].count(b'\t')
+            header = lines[0].decode('utf-8-sig', errors='replace').rstrip('\r').split('\t')
+            column = f' (column {header[fields]!r})' if lineno > 1 and fields < len(header) else ''
+            raise DataFormatError(
+                f'byte {line[error.start]:#04x} at position {error.start + 1}{column} is not '
+                f'UTF-8 text: {line[:80]!r}', path=path, line=lineno) from None
+        if lineno == 1:
+            continue
+        fields = line.split(b'\t')
         for name, col in zip(_PARSED_COLUMNS, columns):
-            token = fields[col] if col < len(fields) else ''
-            try:
-                value = int(token)
-            except ValueError:
+            token = fields[col] if col < len(fields) else b''
+            shown = token.decode('utf-8')
+            if _INTEGER.fullmatch(token) is None:
                 rule = ('ids must be non-negative integers' if name != 'x_label'
                         else 'x_label must be 0, 1 or 2')
-                raise DataFormatError(f'{name} is {token!r}, not an integer ({rule})',
-                                      path=path, line=lineno) from None
-            if not -2**63 <= value < 2**63:
-                raise DataFormatError(f'{name} {token!r} does not fit in 64 bits',
+                raise DataFormatError(f'{name} is {shown!r}, not an integer ({rule})',
+                                      path=path, line=lineno)
+            if not -2**63 <= int(token) < 2**63:
+                raise DataFormatError(f'{name} {shown.strip()!r} does not fit in 64 bits',
                                       path=path, line=lineno)
 
 
@@ -339,8 +362,9 @@ def _load_features(folder: Path, num_items: int) -> Dict[str, Tensor]:
     r"""Loads every ``<modality>_feat.npy`` of :obj:`folder` as float32 tensor."""
     features: Dict[str, Tensor] = {}
     for path in sorted(folder.glob('*' + FEATURE_SUFFIX)):
-        if not path.is_file():
-            continue
+        if path.is_dir():
+            raise DataFormatError(f'is a directory, not a <modality>{FEATURE_SUFFIX} '
+                                  f'feature file', path=path)
         modality = path.name[:-len(FEATURE_SUFFIX)]
         if not modality.isidentifier() or modality in _RESERVED_MODALITIES:
             raise DataFormatError(

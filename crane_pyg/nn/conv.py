@@ -12,6 +12,11 @@ and ``'edge_index'``); see :mod:`crane_pyg.nn.backend`.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
+import sys
+import tempfile
 from typing import Any, Hashable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -51,6 +56,20 @@ class _AdjacencyPropagation(MessagePassing):
     Subclasses build their adjacency in :meth:`adjacency`.
     """
     SUPPORTS_FUSED_EDGE_INDEX = True  # `EdgeIndex` sorted by target -> fused path
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if 'propagate' not in cls.__dict__:  # see propagate() below
+            cls.propagate = _AdjacencyPropagation.propagate
+
+    def propagate(self, edge_index: Any, size: Optional[Tuple[int, int]] = None,
+                  **kwargs: Any) -> Tensor:
+        r""":meth:`MessagePassing.propagate`, unchanged. Defined in every
+        subclass (:meth:`__init_subclass__`) so that PyG does not render its
+        ``propagate`` template into a module file in the temporary directory
+        for each layer class (it leaves classes with their own ``propagate``
+        as they are); those files were never removed."""
+        return super().propagate(edge_index, size=size, **kwargs)
 
     def __init__(self, cached: bool = False, backend: str = 'auto', **kwargs: Any) -> None:
         super().__init__(aggr='add', node_dim=0, **kwargs)
@@ -132,6 +151,27 @@ class _AdjacencyPropagation(MessagePassing):
         if EdgeIndex is not None and isinstance(edge_index, EdgeIndex):
             return edge_index.matmul(x, input_value=edge_weight, transpose=True)
         return spmm(edge_index, x, reduce='sum')
+
+
+def _remove_rendered_templates(pid: int = os.getpid()) -> None:
+    r"""At exit, deletes the module files PyG rendered from its
+    ``MessagePassing`` templates into the temporary directory in this process
+    (e.g. for PyG's own ``LGConv`` in mini-batch mode), so that runs leave no
+    files in ``$TMPDIR``. Such a module is named ``<module>_<class>_propagate``
+    (or ``_edge_updater``) and its file ``<that name>_<random>.py``."""
+    if os.getpid() != pid:  # a forked child: the files are its parent's
+        return
+    tmp = os.path.realpath(tempfile.gettempdir())
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, '__file__', None)
+        if (name.endswith(('_propagate', '_edge_updater')) and path
+                and os.path.dirname(os.path.realpath(path)) == tmp
+                and os.path.basename(path).startswith(f'{name}_')):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+atexit.register(_remove_rendered_templates)
 
 
 class UserItemConv(_AdjacencyPropagation):

@@ -34,7 +34,7 @@ import torch
 from .utils import atomic_write
 
 __all__ = ['CHECKPOINT_FORMAT', 'LAST', 'BEST', 'save_checkpoint', 'load_checkpoint',
-           'CheckpointError']
+           'CheckpointError', 'CheckpointWriteError']
 
 #: version of the checkpoint layout
 CHECKPOINT_FORMAT = 1
@@ -48,11 +48,47 @@ class CheckpointError(RuntimeError):
     r"""A checkpoint is missing, unreadable or of another format/experiment."""
 
 
+class CheckpointWriteError(CheckpointError):
+    r"""A checkpoint could not be written (full disk, I/O error); the
+    previous file at the path is left as it was."""
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    r"""Saves ``state`` (plus the ``format`` key) to ``path`` atomically."""
+    r"""Saves ``state`` (plus the ``format`` key) to ``path`` atomically.
+
+    Raises:
+        CheckpointWriteError: the write failed; the message names the path
+            and the operating system's reason (e.g. ``No space left on
+            device``), which :func:`torch.save` may only hold in a chained
+            exception.
+    """
     state = {'format': CHECKPOINT_FORMAT, **state}
-    with atomic_write(path, 'wb') as f:
-        torch.save(state, f)
+    try:
+        with atomic_write(path, 'wb') as f:
+            torch.save(state, f)
+    except Exception as exc:  # noqa: BLE001 - torch wraps I/O errors in RuntimeError
+        raise CheckpointWriteError(f'cannot write checkpoint {path}: '
+                                   f'{_write_failure(exc)}') from exc
+
+
+def _write_failure(exc: BaseException) -> str:
+    r"""The operating system's reason among ``exc`` and the exceptions chained
+    to it, else ``exc`` itself."""
+    seen, todo = set(), [exc]
+    while todo:
+        error = todo.pop(0)
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.strerror:
+            return f'{error.strerror} (errno {error.errno})'
+        todo += [error.__cause__, error.__context__]
+    return _reason(exc)
+
+
+def _reason(exc: BaseException) -> str:
+    detail = str(exc).strip().splitlines()
+    return f'{type(exc).__name__}: {detail[0]}' if detail else type(exc).__name__
 
 
 def load_checkpoint(path: str | os.PathLike,
@@ -66,10 +102,13 @@ def load_checkpoint(path: str | os.PathLike,
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'checkpoint not found: {path}')
+    if path.stat().st_size == 0:
+        raise CheckpointError(f'cannot read checkpoint {path}: the file is empty (0 bytes)')
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure
-        raise CheckpointError(f'cannot read checkpoint {path}: {exc}') from exc
+        raise CheckpointError(f'cannot read checkpoint {path}: {_reason(exc)} (a truncated '
+                              f'or foreign file?)') from exc
     if not isinstance(state, dict) or state.get('format') != CHECKPOINT_FORMAT:
         found = state.get('format') if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f'{path} is not a crane_pyg checkpoint of format '

@@ -79,6 +79,7 @@ CONFIG_DIR: Path = Path(__file__).resolve().parents[1] / 'configs'
 SECTIONS = ('dataset', 'model', 'train')
 _LAYER_KEYS = SECTIONS + ('grid', 'models', 'search')
 COMMAND_LINE = 'command line'
+_INT64_MAX = 2**63 - 1
 _FOLLOWS_TRAIN_SEED = 'train.seed (a model seed follows the training seed unless set)'
 
 
@@ -148,7 +149,9 @@ class TrainConfig:
         stop_metric (str): validation metric for early stopping and model
             selection, ``<metric>@<k>`` with metric in :data:`METRIC_NAMES` and
             ``k`` in ``ks``. (default: ``'recall@20'``)
-        ks (tuple of int): evaluation cut-offs. (default: ``(10, 20, 50)``)
+        ks (tuple of int): evaluation cut-offs, at most the number of items
+            of the dataset (checked by :class:`~crane_pyg.train.Trainer`).
+            (default: ``(10, 20, 50)``)
         eval_batch_size (int): users scored at once in full-ranking evaluation
             (memory ``O(eval_batch_size x num_items)``). (default: ``4096``)
         seed (int): seed of Python, NumPy, torch and the BPR sampler
@@ -157,10 +160,12 @@ class TrainConfig:
             (``torch.use_deterministic_algorithms(True, warn_only=True)``) and a
             fixed number of CPU threads (``num_threads``, else 1).
             (default: ``False``)
-        device (str): ``'auto'`` (CUDA when available), ``'cpu'``, ``'cuda'``
-            or ``'cuda:<n>'``. (default: ``'auto'``)
+        device (str): ``'auto'`` (CUDA when available), ``'cpu'``, ``'cuda'``,
+            ``'cuda:<n>'`` or ``'mps'``. (default: ``'auto'``)
         num_threads (int, optional): CPU threads for torch; ``None`` keeps
-            torch's default. (default: ``None``)
+            torch's default. More than the CPUs available to the process is
+            allowed (a configuration stays valid on other machines) but warned
+            about by :class:`~crane_pyg.train.Trainer`. (default: ``None``)
         grad_clip (float, optional): clip the gradient norm to this value;
             ``None`` disables clipping. (default: ``None``)
         flush_denormal (bool): :func:`torch.set_flush_denormal` on CPU:
@@ -229,6 +234,9 @@ def _check_train_values(values: Mapping[str, Any]) -> tuple[str, str] | None:
     for name in positive:
         if name in values and values[name] < 1:
             return name, f'must be >= 1, got {values[name]!r}'
+    for name in positive + ('seed', 'num_threads'):  # torch takes 64-bit integers
+        if values.get(name) is not None and values[name] > _INT64_MAX:
+            return name, f'must be at most 2**63 - 1 = {_INT64_MAX}, got {values[name]!r}'
     if 'lr' in values and not values['lr'] > 0:
         return 'lr', f'must be > 0, got {values["lr"]!r}'
     if 'weight_decay' in values and values['weight_decay'] < 0:
@@ -248,7 +256,7 @@ def _check_train_values(values: Mapping[str, Any]) -> tuple[str, str] | None:
         if len(ks) == 0 or any(k < 1 for k in ks):
             return 'ks', f'must be a non-empty list of positive ints, got {list(ks)!r}'
     if 'device' in values and not re.fullmatch(r'auto|cpu|cuda(:\d+)?|mps', values['device']):
-        return 'device', (f"must be 'auto', 'cpu', 'cuda' or 'cuda:<n>', "
+        return 'device', (f"must be 'auto', 'cpu', 'cuda', 'cuda:<n>' or 'mps', "
                           f"got {values['device']!r}")
     if 'stop_metric' in values:
         match = re.fullmatch(r'([a-z]+)@(\d+)', values['stop_metric'])
@@ -554,10 +562,19 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     r"""Reads a YAML mapping (an empty file is ``{}``); errors name the file and line."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError('is a directory, not a YAML file', str(path))
     if not path.is_file():
         raise ConfigError(f'config file not found: {path}', str(path))
     try:
-        data = yaml.load(path.read_text(encoding='utf-8'), Loader=_Loader)
+        text = path.read_text(encoding='utf-8')
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f'not a YAML text file: byte {exc.object[exc.start]:#04x} at offset '
+                          f'{exc.start} is not UTF-8', str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f'cannot read the file: {exc.strerror}', str(path)) from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f'line {mark.line + 1}: ' if mark is not None else ''

@@ -33,12 +33,16 @@ Files written to ``output_dir`` (all atomically, except the appended history):
 state, history and every random generator) and continues; the run then ends
 with exactly the numbers of an uninterrupted run with the same seed. A
 :class:`KeyboardInterrupt` stops the run cleanly: ``last.pt`` holds the last
-completed epoch and the message says how to resume.
+completed epoch and the message says how to resume (:func:`main` turns
+SIGTERM into one). For its whole life a run holds the lock of its output
+directory (:mod:`crane_pyg.train.rundir`): a second run into it fails at once.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -46,6 +50,8 @@ import shlex
 import statistics
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -53,16 +59,19 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import (BEST, LAST, CheckpointError, CheckpointWriteError, load_checkpoint,
+                         save_checkpoint)
 from .config import (ConfigError, DataConfig, ExperimentConfig, TrainConfig,
                      default_data_root, expand_grid, load_config)
-from .utils import (atomic_write, atomic_write_json, atomic_write_text,
+from .rundir import OutputDirError, locked_output_dir
+from .utils import (atomic_write, atomic_write_json, atomic_write_text, available_cpus,
                     compile_support_problem, configure_reproducibility, get_rng_state,
-                    library_versions, peak_memory_mb, reset_peak_memory, resolve_device,
-                    set_rng_state, to_jsonable)
+                    library_versions, peak_memory_mb, remove_stale_temporaries,
+                    reset_peak_memory, resolve_device, set_rng_state, sigterm_as_interrupt,
+                    interrupts_deferred, to_jsonable)
 
 __all__ = ['Trainer', 'DatasetNotFoundError', 'load_dataset', 'locate_dataset', 'run_experiment',
-           'run_single', 'run_grid', 'plot_curves', 'format_metrics_table',
+           'run_single', 'run_grid', 'plot_curves', 'format_metrics_table', 'run_name',
            'build_parser', 'main', 'RESULTS', 'HISTORY', 'CURVES']
 
 RESULTS = 'results.json'
@@ -88,8 +97,9 @@ class Trainer:
             (training, validation and test interactions).
         config (TrainConfig): the protocol.
         output_dir (str or Path, optional): where checkpoints, history, curves
-            and ``results.json`` go (created); default
-            ``runs/<dataset>-<model>-seed<seed>``.
+            and ``results.json`` go (created; locked while :meth:`fit` runs);
+            default ``runs/<dataset>-<model>-seed<seed>-<hash>`` (:func:`run_name`
+            of ``experiment``).
         experiment (dict, optional): the full configuration recorded in the
             checkpoints and ``results.json`` (default: ``{'train': config}``).
         dataset_name (str, optional): recorded as ``dataset`` (default
@@ -179,7 +189,8 @@ class Trainer:
         self.dataset_name = dataset_name or getattr(data, 'name', None) or 'unknown'
         self.model_name = model_name or type(model).__name__.lower()
         if output_dir is None:
-            output_dir = Path('runs') / f'{self.dataset_name}-{self.model_name}-seed{config.seed}'
+            output_dir = Path('runs') / run_name(self.dataset_name, self.model_name,
+                                                 config.seed, self.experiment)
         self.output_dir = Path(output_dir)
         self.resume = resume
         self.quiet = quiet
@@ -193,6 +204,17 @@ class Trainer:
         store = data[USER_ITEM]
         self.num_users = int(data[USER].num_nodes)
         self.num_items = int(data[ITEM].num_nodes)
+        too_large = [k for k in config.ks if k > self.num_items]
+        if too_large:
+            raise ConfigError(f'cut-off {too_large[0]} is larger than the {self.num_items} '
+                              f'items of dataset {self.dataset_name!r} (metric@k ranks k '
+                              f'items); use cut-offs of at most {self.num_items}, e.g. '
+                              f"--set 'train.ks=[10, 20]'", key='train.ks')
+        cpus = available_cpus()
+        if config.num_threads is not None and config.num_threads > cpus:
+            warnings.warn(f'train.num_threads = {config.num_threads} is more than the {cpus} '
+                          f'CPUs available to this process; the threads will compete for '
+                          f'them (slower, not faster)', UserWarning, stacklevel=2)
         self.sampler = BPRSampler(store.edge_index, self.num_users, self.num_items,
                                   seed=config.seed, device=self.device,
                                   rank=self.rank, world_size=self.world_size)
@@ -327,9 +349,13 @@ class Trainer:
             self.log(line)
 
     def _save_last(self) -> None:
-        if self.is_main:
+        with interrupts_deferred():  # last.pt and _saved_epoch agree whenever Ctrl-C comes
+            if self.is_main:
                 save_checkpoint(self.output_dir / LAST, self.state())
-        self._saved_epoch = self.epoch
+            self._saved_epoch = self.epoch
+        if self.is_main:
+            # what a run killed while writing it left (taking the lock removes them too)
+            remove_stale_temporaries(self.output_dir, LAST)
 
     # ------------------------------------------------------------------
     # the loop
@@ -389,7 +415,18 @@ class Trainer:
             ``'paused'`` (``max_epochs_this_run`` reached) or ``'interrupted'``
             (:class:`KeyboardInterrupt`); ``results.json`` is written only for
             the first two.
+
+        Raises:
+            ~crane_pyg.train.rundir.RunLockedError: another run holds the
+                output directory.
+            FloatingPointError: the training loss is not finite.
+            ~crane_pyg.train.checkpoint.CheckpointWriteError: a checkpoint
+                cannot be written (e.g. a full disk).
         """
+        with locked_output_dir(self.output_dir, self.distributed):
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         reset_peak_memory(self.device)
         cfg = self.config
@@ -438,7 +475,12 @@ class Trainer:
                   f'(Trainer(..., resume=True) in Python)', file=sys.stderr, flush=True)
         finally:
             if self.history and self.plot and self.is_main:
-                plot_curves(self.history, self.output_dir / CURVES, self.config.stop_metric)
+                failing = sys.exc_info()[0] is not None
+                try:
+                    plot_curves(self.history, self.output_dir / CURVES, self.config.stop_metric)
+                except OSError:
+                    if not failing:  # else the error in flight (a full disk?) is the news
+                        raise
 
         results = self.results(status)
         if status in ('completed', 'early_stopped'):
@@ -542,6 +584,21 @@ class Trainer:
             'versions': library_versions(),
             **self.extra_results,
         }
+
+
+def run_name(dataset: str, model: str, seed: int, experiment: Mapping[str, Any]) -> str:
+    r"""The default name of a run's output folder,
+    ``<dataset>-<model>-seed<seed>-<hash>``: ``hash`` is 8 hex digits of the
+    SHA-256 of the resolved configuration ``experiment`` (the ``config`` of
+    ``results.json``) without ``dataset.root`` and the options a resumed run
+    may change (:data:`RESUMABLE_CHANGES`: epochs, patience, device, ...).
+    So a run with other settings gets a folder of its own, and the same
+    command plus ``--resume`` (with more epochs, say) finds its run."""
+    flat = _flatten(to_jsonable(dict(experiment)))
+    kept = {k: v for k, v in flat.items()
+            if k not in RESUMABLE_CHANGES and k != 'dataset.root'}
+    text = json.dumps(kept, sort_keys=True, default=str)
+    return f'{dataset}-{model}-seed{seed}-{hashlib.sha256(text.encode()).hexdigest()[:8]}'
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -729,6 +786,7 @@ def run_single(config: ExperimentConfig, output_dir: str | os.PathLike, *,
     except (TypeError, ValueError) as exc:  # an option value, or a dataset the model cannot use
         raise ConfigError(f'cannot build model {config.model_name!r} on dataset '
                           f'{config.dataset.name!r}: {exc}') from exc
+    _warn_if_one_modality(config, data, model_cls)
     output_dir = Path(output_dir)
     is_main = distributed is None or distributed.is_main
     if is_main:
@@ -743,6 +801,24 @@ def run_single(config: ExperimentConfig, output_dir: str | os.PathLike, *,
                       callbacks=callbacks, log=log, extra_results=extra,
                       distributed=distributed)
     return trainer.fit()
+
+
+def _warn_if_one_modality(config: ExperimentConfig, data: Any, model_cls: type) -> None:
+    r"""Warns when a model that uses item features runs on a dataset whose
+    modalities were found on disk (``dataset.modalities`` unset) and are a
+    single one: most likely another feature file is missing (a multimodal
+    recommender on one modality is not what its user expects by default)."""
+    import inspect
+    modalities = list(getattr(data, 'modalities', None) or [])
+    if (config.dataset.modalities is not None or len(modalities) != 1
+            or 'features' not in inspect.signature(model_cls.__init__).parameters):
+        return
+    folder = locate_dataset(config.dataset)
+    warnings.warn(f'dataset {config.dataset.name!r} has a single modality, {modalities[0]!r}: '
+                  f'no other <modality>_feat.npy{f" in {folder}" if folder else ""}, so '
+                  f'{config.model_name} trains on {modalities[0]} alone; add the missing '
+                  f'feature file, or set dataset.modalities=[{modalities[0]}] to confirm',
+                  UserWarning, stacklevel=3)
 
 
 Runner = Callable[..., dict]
@@ -841,13 +917,16 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
                    distributed: Any = None) -> dict[str, Any]:
     r"""Runs ``config``: a grid search when ``config.grid`` is set
     (:func:`run_grid`), else a single training run (:func:`run_single`);
-    ``distributed``: one rank of a data-parallel run (see :class:`Trainer`)."""
-    if config.grid:
-        return run_grid(config, output_dir, data=data, resume=resume, quiet=quiet, log=log,
-                        distributed=distributed)
-    return run_single(config, output_dir, data=data, resume=resume, quiet=quiet,
-                      max_epochs_this_run=max_epochs_this_run, callbacks=callbacks, log=log,
-                      distributed=distributed)
+    ``distributed``: one rank of a data-parallel run (see :class:`Trainer`).
+    Holds the lock of ``output_dir`` throughout
+    (:class:`~crane_pyg.train.rundir.RunLockedError` when another run has it)."""
+    with locked_output_dir(output_dir, distributed):
+        if config.grid:
+            return run_grid(config, output_dir, data=data, resume=resume, quiet=quiet,
+                            log=log, distributed=distributed)
+        return run_single(config, output_dir, data=data, resume=resume, quiet=quiet,
+                          max_epochs_this_run=max_epochs_this_run, callbacks=callbacks,
+                          log=log, distributed=distributed)
 
 
 # ---------------------------------------------------------------------------
@@ -877,26 +956,37 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         epilog='Configuration layers (later wins): crane_pyg/configs/overall.yaml < '
                'configs/model/<model>.yaml < configs/dataset/<dataset>.yaml < --config FILE '
                '< --set KEY=VALUE < the flags above. Example: --set train.lr=5e-4 '
-               "--set model.lambda_cl=0.05 --set 'grid.model.lambda_cl=[0.01,0.1]'")
+               "--set model.lambda_cl=0.05 --set 'grid.model.lambda_cl=[0.01,0.1]'. "
+               'Exit codes: 0 done, 1 the run failed, 2 usage error, 130 interrupted '
+               '(Ctrl-C or SIGTERM; resumable).')
     parser.add_argument('--dataset', help="dataset name: the folder <data-root>/<name>/ "
                         "(default: 'synthetic', the embedded synthetic set)")
     parser.add_argument('--data-root', help='folder holding the dataset folders '
                         '(default: $CRANE_DATA_ROOT or ./data)')
     parser.add_argument('--model', help='crane, lightgcn, vbpr or freedom (default: crane)')
     parser.add_argument('--config', help='a YAML file with dataset/model/train/grid sections')
-    parser.add_argument('--output', help='output directory '
-                        '(default: runs/<dataset>-<model>-seed<seed>)')
+    parser.add_argument('--output', help='output directory, locked while the run lasts '
+                        '(default: runs/<dataset>-<model>-seed<seed>-<hash>, the hash of the '
+                        'resolved configuration but for epochs, patience, device and other '
+                        'options a resumed run may change)')
     parser.add_argument('--epochs', type=int, help='maximum epochs (train.epochs)')
     parser.add_argument('--seed', type=int, help='random seed (train.seed)')
     parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'),
                         help='train.device (default: auto)')
-    parser.add_argument('--resume', action='store_true',
-                        help='continue the run in --output from its last.pt')
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument('--resume', action='store_true',
+                       help='continue the run in --output from its last.pt')
+    again.add_argument('--overwrite', action='store_true',
+                       help='replace the run the output directory holds; without it (or '
+                       '--resume) a directory with a finished or interrupted run is an error')
     parser.add_argument('--set', dest='overrides', action='append', default=[],
                         metavar='KEY=VALUE', help='override a dotted key, e.g. train.lr=5e-4 '
                         '(repeatable; the value is parsed as YAML)')
     parser.add_argument('--quiet', action='store_true',
                         help='no progress bars and no per-epoch lines')
+    parser.add_argument('--debug', action='store_true',
+                        help='show the Python traceback of an error (errors are one line '
+                        'without it)')
     parser.add_argument('--distributed', action='store_true',
                         help='data-parallel training, one process per device: launch with '
                         'torchrun --nproc_per_node=N (gloo on CPU, nccl on CUDA); '
@@ -905,17 +995,79 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    r"""The command line of ``examples/train_amazon.py``; returns the exit code
-    (0 success, 2 bad configuration or missing data, 130 interrupted).
-    With ``--distributed`` the process group is destroyed on return."""
+    r"""The command line of ``examples/train_amazon.py``; returns the exit code:
+    0 success, 1 a failed run (the loss diverged, a file cannot be written,
+    an unexpected error), 2 a usage error (configuration, data, output
+    directory, a checkpoint that cannot be resumed), 130 interrupted (Ctrl-C
+    or SIGTERM: ``last.pt`` holds the last epoch and the resume command is
+    printed). Every error is one line on stderr (``--debug`` adds the
+    traceback), every warning too. With ``--distributed`` the process group
+    is destroyed on return."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    name = parser.prog
     try:
-        return _main(args, parser.prog, argv)
+        with sigterm_as_interrupt(), _one_line_warnings(name):
+            return _main(args, name, argv)
+    except KeyboardInterrupt:
+        print(f'{name}: interrupted before training started', file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every error is one line (--debug: traceback)
+        if args.debug:
+            traceback.print_exc()
+        code, message = _error_line(exc, args.debug)
+        print(f'{name}: error: {message}', file=sys.stderr)
+        return code
     finally:
         if args.distributed:
             from .distributed import destroy_distributed
             destroy_distributed()
+
+
+@contextlib.contextmanager
+def _one_line_warnings(name: str):
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f'{name}: warning: {message}', file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+def _error_line(exc: Exception, debug: bool = False) -> tuple[int, str]:
+    r"""The exit code and message of an error that ended :func:`main`."""
+    from crane_pyg.data import DataFormatError
+    if isinstance(exc, CheckpointWriteError):
+        return 1, str(exc)
+    if isinstance(exc, DataFormatError):
+        return 2, f'invalid dataset: {exc}'
+    if isinstance(exc, (ConfigError, DatasetNotFoundError, OutputDirError, CheckpointError)):
+        return 2, str(exc)
+    if isinstance(exc, FloatingPointError):
+        return 1, f'the run diverged: {exc}'
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return 1, f'{exc.filename}: {exc.strerror}'
+    lines = str(exc).strip().splitlines()
+    return 1, (f'{type(exc).__name__}: {lines[0] if lines else ""}'
+               f'{"" if debug else " (--debug shows the traceback)"}')
+
+
+def _no_run_to_overwrite(output: Path, *, resume: bool, overwrite: bool) -> None:
+    r"""Refuses an output directory that holds a run, unless it is resumed or
+    ``overwrite`` is set (which removes its results first)."""
+    if resume:
+        return
+    finished = (output / RESULTS).is_file()
+    if not (finished or (output / LAST).is_file() or (output / 'grid').is_dir()):
+        return
+    if overwrite:
+        for stale in (RESULTS, f'{GRID_SUMMARY}.json', f'{GRID_SUMMARY}.md'):
+            (output / stale).unlink(missing_ok=True)
+        return
+    what = (f'a finished run ({RESULTS})' if finished
+            else f'an unfinished run ({LAST}; --resume continues it)')
+    raise OutputDirError(f'{output} holds {what}; add --overwrite to replace it, or choose '
+                         f'another --output')
 
 
 def _main(args: argparse.Namespace, name: str, argv: Sequence[str] | None) -> int:
@@ -928,37 +1080,34 @@ def _main(args: argparse.Namespace, name: str, argv: Sequence[str] | None) -> in
         flags['train.seed'] = args.seed
     if args.device is not None:
         flags['train.device'] = args.device
-    ctx = None
+    config = load_config(model=args.model, dataset=args.dataset, config_file=args.config,
+                         overrides=args.overrides, flags=flags)
     try:
-        config = load_config(model=args.model, dataset=args.dataset, config_file=args.config,
-                             overrides=args.overrides, flags=flags)
-        output = Path(args.output or Path('runs') / f'{config.dataset.name}-'
-                      f'{config.model_name}-seed{config.train.seed}')
-        if args.distributed:
-            from .distributed import init_distributed
+        resolve_device(config.train.device)  # now, not after loading the data
+    except RuntimeError as exc:
+        raise ConfigError(str(exc), config.sources.get('train.device'), 'train.device') from None
+    output = Path(args.output) if args.output else Path('runs') / run_name(
+        config.dataset.name, config.model_name, config.train.seed, config.to_dict())
+    ctx = None
+    if args.distributed:
+        from .distributed import init_distributed
+        try:
             ctx = init_distributed(config.train.device)
-        is_main = ctx is None or ctx.is_main
+        except RuntimeError as exc:  # not launched by torchrun, no process group
+            raise ConfigError(str(exc), '--distributed') from exc
+    is_main = ctx is None or ctx.is_main
+    check = lambda path: _no_run_to_overwrite(  # noqa: E731
+        path, resume=args.resume, overwrite=args.overwrite)
+    with locked_output_dir(output, ctx, check):
         if not args.quiet and is_main:
             world = f' ({ctx.world_size} processes, {ctx.backend})' if ctx is not None else ''
             print(f'{config.model_name} on {config.dataset.name} -> {output}{world}', flush=True)
         results = run_experiment(config, output, resume=args.resume,
                                  quiet=args.quiet or not is_main, distributed=ctx)
-    except KeyboardInterrupt:
-        print(f'{name}: interrupted before training started', file=sys.stderr)
-        return 130
-    except (ConfigError, DatasetNotFoundError, CheckpointError) as exc:
-        print(f'{name}: error: {exc}', file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        from crane_pyg.data import DataFormatError
-        if isinstance(exc, DataFormatError):
-            print(f'{name}: error: invalid dataset: {exc}', file=sys.stderr)
-            return 2
-        raise
     if ctx is not None and not ctx.is_main:
         return 0 if results['status'] in ('completed', 'early_stopped') else 130
     if results['status'] not in ('completed', 'early_stopped'):
-        words = list(argv if argv is not None else sys.argv[1:])
+        words = [w for w in (argv if argv is not None else sys.argv[1:]) if w != '--overwrite']
         program = sys.argv[0] if sys.argv and sys.argv[0].endswith('.py') else 'train_amazon.py'
         launcher = (['torchrun', f'--nproc_per_node={ctx.world_size}'] if ctx is not None
                     else ['python'])

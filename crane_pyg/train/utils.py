@@ -9,9 +9,12 @@ import json
 import os
 import platform
 import random
+import re
 import resource
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, IO, Iterator
 
@@ -19,12 +22,16 @@ import numpy as np
 import torch
 
 __all__ = [
-    'atomic_write', 'atomic_write_text', 'atomic_write_json', 'configure_reproducibility',
-    'seed_everything', 'get_rng_state', 'set_rng_state', 'resolve_device',
+    'atomic_write', 'atomic_write_text', 'atomic_write_json', 'remove_stale_temporaries',
+    'configure_reproducibility', 'seed_everything', 'get_rng_state', 'set_rng_state',
+    'resolve_device', 'available_cpus', 'sigterm_as_interrupt', 'interrupts_deferred',
     'reset_peak_memory', 'peak_memory_mb', 'library_versions', 'to_jsonable',
 ]
 
 TMP_SUFFIX = '.tmp'
+#: the name of a temporary file of :func:`atomic_write` (``mkstemp`` adds 8
+#: random characters): ``.<name>.<random>.tmp``
+_TMP_NAME = re.compile(r'\.(?P<name>.+)\.[A-Za-z0-9_]{8}' + re.escape(TMP_SUFFIX))
 
 
 # ---------------------------------------------------------------------------
@@ -54,6 +61,23 @@ def atomic_write(path: str | os.PathLike, mode: str = 'wb') -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(directory: str | os.PathLike,
+                             name: str | None = None) -> list[Path]:
+    """Deletes the temporary files that :func:`atomic_write` left in
+    ``directory`` when its process was killed mid-write (of ``name`` only,
+    when given); returns them. Only call it while no other process writes
+    there (e.g. holding the run lock of :mod:`crane_pyg.train.rundir`)."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            match = _TMP_NAME.fullmatch(entry.name)
+            if match and (name is None or match.group('name') == name) and entry.is_file():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
 
 
 def _umask() -> int:
@@ -161,14 +185,78 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``'auto'`` -> CUDA when available, else CPU; ``'cuda'`` without a GPU is an error."""
+    """``'auto'`` -> CUDA when available, else CPU.
+
+    Raises:
+        RuntimeError: the device does not exist here: ``'cuda'`` without a
+            GPU, ``'cuda:<n>'`` beyond the GPUs present, ``'mps'`` on a build
+            or machine without it.
+    """
     if device == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     dev = torch.device(device)
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} requested but CUDA is not available "
                            f"(torch {torch.__version__}); use device 'cpu' or 'auto'")
+    if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise RuntimeError(f'device {device!r} requested but this machine has '
+                           f'{torch.cuda.device_count()} CUDA device(s)')
+    mps = getattr(torch.backends, 'mps', None)
+    if dev.type == 'mps' and not (mps is not None and mps.is_available()):
+        raise RuntimeError(f"device {device!r} requested but MPS is not available (torch "
+                           f"{torch.__version__} on {platform.system()}); use device 'cpu' "
+                           f"or 'auto'")
     return dev
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the system
+    has one, else :func:`os.cpu_count`)."""
+    if hasattr(os, 'sched_getaffinity'):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f'signal {signum}')
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (what ``kill`` and cluster schedulers send)
+    raises :class:`KeyboardInterrupt` like Ctrl-C, so that it is handled the
+    same way. Does nothing outside the main thread (where Python cannot set
+    signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM are held back and delivered (to
+    the handlers in place before) once it ends, so that the block completes:
+    e.g. a checkpoint and the record of the epoch it holds, which a Ctrl-C
+    between the two would make disagree. Does nothing outside the main
+    thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            signal.raise_signal(received[0])
 
 
 # ---------------------------------------------------------------------------

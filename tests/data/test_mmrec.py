@@ -279,6 +279,38 @@ def test_feature_unreadable(tmp_path):
     expect_error(folder, 'image_feat.npy', 'cannot be read')
 
 
+def test_feature_file_that_is_a_directory(tmp_path):
+    folder = write_dataset(tmp_path, features=toy_features())
+    (folder / 'image_feat.npy').unlink()
+    (folder / 'image_feat.npy').mkdir()
+    expect_error(folder, 'image_feat.npy', 'is a directory')
+
+
+def _long_file_lines(num_lines: int = 150):
+    """Valid data lines for 3 users x 50 items, every split non-empty."""
+    rows = [(u, i, (u + i) % 3) for u in range(3) for i in range(num_lines // 3)]
+    return [f'{u}\t{i}\t1\t0\t{x}' for u, i, x in rows]
+
+
+@pytest.mark.parametrize('line, shown', [
+    (b'2_0\t3\t1\t0\t0', "userID is '2_0'"),       # int() reads it as 20, NumPy does not
+    (b'2\t3\t\xff\t0\t0', "byte 0xff at position 5 (column 'rating') is not UTF-8"),
+    (b'2\t\xd9\xa3\t1\t0\t0', "itemID is '\u0663'"),  # an Arabic-Indic digit 3
+])
+def test_bad_token_is_reported_on_its_own_line(tmp_path, line, shown):
+    """A fault on line 102 is reported on line 102 with its value, not as an
+    empty userID on the line after the last one (the diagnosis used to accept
+    what int() accepts and then trip on the text after the final newline)."""
+    lines = _long_file_lines()
+    folder = write_dataset(tmp_path, lines=lines)
+    inter = folder / 'toy.inter'
+    data = inter.read_bytes().split(b'\n')
+    data[101] = line  # line 102 of the file (the header is line 1)
+    inter.write_bytes(b'\n'.join(data))
+    err = expect_error(folder, 'toy.inter', 'line 102', shown)
+    assert err.line == 102 and f'line {len(lines) + 2}' not in str(err)
+
+
 def test_bad_duplicates_argument(tmp_path):
     with pytest.raises(ValueError, match="'duplicates'"):
         load_mmrec(write_dataset(tmp_path), duplicates='keep')

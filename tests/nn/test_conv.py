@@ -346,3 +346,40 @@ def test_cached_layer_survives_deepcopy(backend):
     assert clone._cached_adj.backend == backend
     for got, ref in zip(clone(x_user, x_item, edge_index), first):
         torch.testing.assert_close(got, ref)
+
+
+# ---------------------------------------------------------------------------
+# no files left in $TMPDIR
+# ---------------------------------------------------------------------------
+def test_layers_do_not_render_pyg_templates():
+    """PyG writes a rendered ``propagate`` module into $TMPDIR for every
+    MessagePassing class that does not define its own; ours do."""
+    import sys
+    from crane_pyg.nn import UserProfileAggregation
+    for cls in (UserItemConv, ItemItemConv, UserProfileAggregation):
+        cls()
+        assert 'propagate' in cls.__dict__
+        assert f'{cls.__module__}_{cls.__name__}_propagate' not in sys.modules
+
+
+def test_a_process_leaves_no_files_in_tmpdir(tmp_path):
+    """Our layers render nothing, and PyG's own (LGConv, used in mini-batch
+    mode) have their rendered module removed at exit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    tmp = tmp_path / 'tmp'
+    tmp.mkdir()
+    code = ('import os, tempfile; from crane_pyg.nn import UserItemConv, ItemItemConv, '
+            'UserProfileAggregation; from torch_geometric.nn import LGConv; '
+            '[c() for c in (UserItemConv, ItemItemConv, UserProfileAggregation, LGConv)]; '
+            'print(sorted(f for f in os.listdir(tempfile.gettempdir()) if f.endswith(".py")))')
+    repo = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          env={**os.environ, 'TMPDIR': str(tmp), 'PYTHONPATH': repo},
+                          timeout=300, check=True)
+    during = eval(proc.stdout.strip().splitlines()[-1])
+    assert [f for f in during if 'crane_pyg' in f] == []
+    assert [f for f in during if 'LGConv_propagate' in f]  # the test does see PyG's file
+    assert [p.name for p in tmp.iterdir() if not p.name.startswith('torchinductor_')] == []

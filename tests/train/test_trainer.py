@@ -473,3 +473,77 @@ def test_compile_without_a_cpp_compiler_fails_at_once(synthetic_data, tmp_path, 
     # nothing to compile: nothing to check
     Trainer(TinyMF.from_data(synthetic_data), synthetic_data, tiny_config(compile=True),
             tmp_path / 'mf', quiet=True)
+
+
+# ---------------------------------------------------------------------------
+# settings that do not fit the dataset or the machine; debris
+# ---------------------------------------------------------------------------
+def test_cut_offs_beyond_the_items_are_an_error(synthetic_data, tmp_path):
+    from crane_pyg.train import ConfigError
+    with pytest.raises(ConfigError, match=r"key 'train.ks': cut-off 100000 is larger than "
+                                          r"the 200 items"):
+        make_trainer(synthetic_data, tmp_path, config=tiny_config(ks=(20, 100000)))
+
+
+def test_more_threads_than_cpus_is_warned_about(synthetic_data, tmp_path):
+    from crane_pyg.train.utils import available_cpus
+    with pytest.warns(UserWarning, match=f'train.num_threads = 1000 is more than the '
+                                         f'{available_cpus()} CPUs'):
+        make_trainer(synthetic_data, tmp_path, config=tiny_config(num_threads=1000))
+
+
+def test_temporaries_of_killed_writes_go_after_the_next_checkpoint(synthetic_data, tmp_path):
+    def killed_mid_write(trainer, record):  # as if a kill had cut a write of last.pt
+        if record['epoch'] == 0:
+            (tmp_path / '.last.pt.zz9_ab12.tmp').write_bytes(b'half')
+
+    make_trainer(synthetic_data, tmp_path, config=tiny_config(epochs=2),
+                 callbacks=[killed_mid_write]).fit()
+    assert not list(tmp_path.glob('.*.tmp'))
+
+
+def test_checkpoint_errors_say_why(tmp_path, monkeypatch):
+    from crane_pyg.train import checkpoint
+    (tmp_path / 'empty.pt').write_bytes(b'')
+    with pytest.raises(CheckpointError, match=r'empty.pt: the file is empty \(0 bytes\)$'):
+        load_checkpoint(tmp_path / 'empty.pt')
+    (tmp_path / 'junk.pt').write_bytes(b'hello world')
+    with pytest.raises(CheckpointError, match=r'junk.pt: KeyError: 101 \(a truncated or foreign'):
+        load_checkpoint(tmp_path / 'junk.pt')
+    # torch.save reports a full disk as a RuntimeError or OSError with ENOSPC in its chain
+    save_checkpoint(tmp_path / LAST, {'epoch': 1})
+
+    def full_disk(obj, f):
+        try:
+            raise OSError(28, 'No space left on device')
+        except OSError:
+            raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos')
+
+    monkeypatch.setattr(checkpoint.torch, 'save', full_disk)
+    with pytest.raises(checkpoint.CheckpointWriteError,
+                       match=r'last.pt: No space left on device \(errno 28\)'):
+        save_checkpoint(tmp_path / LAST, {'epoch': 2})
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / LAST)['epoch'] == 1  # the previous one is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['empty.pt', 'junk.pt', LAST]
+
+
+def test_an_interrupt_during_the_checkpoint_waits_for_it(synthetic_data, tmp_path, monkeypatch,
+                                                          capsys):
+    """A Ctrl-C (or SIGTERM) right after last.pt is replaced but before the
+    trainer notes its epoch used to make the message name the epoch before."""
+    import os
+    import signal
+    from crane_pyg.train import trainer as trainer_module
+    real = trainer_module.save_checkpoint
+
+    def save_then_ctrl_c(path, state):
+        real(path, state)
+        if Path(path).name == LAST and state['epoch'] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(trainer_module, 'save_checkpoint', save_then_ctrl_c)
+    results = make_trainer(synthetic_data, tmp_path).fit()
+    assert results['status'] == 'interrupted' and results['epochs_run'] == 2
+    assert load_checkpoint(tmp_path / LAST)['epoch'] == 1
+    assert f'{tmp_path / LAST} holds the state after epoch 1' in capsys.readouterr().err
