@@ -26,9 +26,13 @@ over the triples of a batch, :math:`\mathcal{L} = \frac{1}{B}\sum_{t}
 \ell_t`, splits into the rank losses :math:`\mathcal{L}_r =
 \frac{W}{B}\sum_{t \in r} \ell_t`; DDP averages the rank gradients,
 :math:`\frac{1}{W}\sum_r \nabla \mathcal{L}_r = \nabla \mathcal{L}`. This
-holds for BPR and for the batch-normalised L2 regulariser of every model
-(both are sums over triples divided by the batch size), hence for LightGCN,
-VBPR and the BPR/L2 terms of the others. It does **not** hold for CRANE's
+holds for BPR and for the squared L2 regulariser (``reg_form='squared'``: a
+sum over triples divided by the batch size), hence for LightGCN and VBPR
+with that form and the BPR/L2 terms of the others. It does **not** hold for
+MMRec's L2 form (``reg_form='mmrec'``, the default of LightGCN and VBPR):
+the Frobenius norm of the batch's embeddings is not a sum over triples, so
+each rank penalises the norm of its own shard (a slightly stronger
+regulariser, by up to :math:`\sqrt{W}`). Nor does it hold for CRANE's
 contrastive term: its InfoNCE is taken over the *unique* users and items of
 a batch with in-batch negatives, which is not a sum over triples, so in
 data-parallel training each rank computes it over its own :math:`B / W`

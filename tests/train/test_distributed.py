@@ -48,8 +48,10 @@ def tiny_data() -> HeteroData:
 
 def make_model() -> LightGCN:
     torch.manual_seed(7)
+    # the squared L2 form is a sum over triples, so two ranks equal one process
+    # exactly (MMRec's unsquared norm is not; see crane_pyg.train.distributed)
     return LightGCN.from_data(tiny_data(), embedding_dim=8, num_layers=2, reg_weight=1e-2,
-                              backend='auto')
+                              reg_form='squared', backend='auto')
 
 
 def tiny_config() -> TrainConfig:
