@@ -33,8 +33,7 @@ MMRec's L2 form (``reg_form='mmrec'``, the default of LightGCN and VBPR):
 the Frobenius norm of the batch's embeddings is not a sum over triples, so
 each rank penalises the norm of its own shard (a slightly stronger
 regulariser: its gradient is about :math:`\sqrt{W}` times larger). Nor does it
-hold for CRANE's
-contrastive term: its InfoNCE is taken over the *unique* users and items of
+hold for CRANE's contrastive term: its InfoNCE is taken over the *unique* users and items of
 a batch with in-batch negatives, which is not a sum over triples, so in
 data-parallel training each rank computes it over its own :math:`B / W`
 triples (fewer negatives per anchor). Data-parallel CRANE is therefore a
