@@ -188,6 +188,11 @@ class TrainConfig:
             seconds of compilation at the start (23 s on 2 CPU cores with a
             cold cache, 4 s warm) and needs a C++ compiler (CPU) or Triton (CUDA).
             (default: :obj:`False`)
+        logger (str): where the per-epoch loss parts and validation metrics
+            go besides ``history.jsonl``: ``'csv'`` (``metrics.csv``, one
+            row per epoch) or ``'tensorboard'`` (event files in
+            ``tensorboard/``; needs the ``tensorboard`` package,
+            ``pip install crane_pyg[tensorboard]``). (default: ``'csv'``)
     """
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -206,6 +211,7 @@ class TrainConfig:
     flush_denormal: bool = True
     num_neighbors: Union[tuple[int, ...], None] = None
     compile: bool = False
+    logger: Literal['csv', 'tensorboard'] = 'csv'
 
     def __post_init__(self) -> None:
         _coerce_fields(self, 'train')
