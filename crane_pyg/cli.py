@@ -22,13 +22,12 @@ not fit the dataset); 130 interrupted. Errors are one line on stderr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 __all__ = ['main', 'build_parser', 'COMMANDS']
 
@@ -309,7 +308,7 @@ def _prepare(argv: Sequence[str]) -> int:
     args = _prepare_parser().parse_args(argv)
     from crane_pyg.data.prepare import PrepareConfig, prepare_mmrec
 
-    names = {f.name for f in dataclasses.fields(PrepareConfig)} - {'extra'}
+    names = {f.name for f in dataclasses.fields(PrepareConfig)}
     try:
         config = PrepareConfig(**{k: v for k, v in vars(args).items() if k in names})
     except ValueError as exc:

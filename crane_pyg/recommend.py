@@ -15,7 +15,6 @@ when ``user_map.csv`` / ``item_map.csv`` exist.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 from pathlib import Path
@@ -199,11 +198,3 @@ def write_recommendations(batches: Iterable[tuple[Tensor, Tensor, Tensor]], out:
             written += 1
     return written
 
-
-def render(batches: Iterable[tuple[Tensor, Tensor, Tensor]], fmt: str = 'csv',
-           user_ids: Optional[Sequence[str]] = None,
-           item_ids: Optional[Sequence[str]] = None) -> str:
-    r""":func:`write_recommendations` into a string."""
-    buffer = io.StringIO()
-    write_recommendations(batches, buffer, fmt, user_ids, item_ids)
-    return buffer.getvalue()

@@ -264,6 +264,17 @@ def test_train_logger_flag_reaches_the_config(tmp_path, synthetic_root, capsys):
     assert code == 0, err
     assert 'logger: csv' in (tmp_path / 'run' / 'config.yaml').read_text()
     assert (tmp_path / 'run' / 'metrics.csv').is_file()
+    # a folder without id maps: 0-based ids in and out
+    code, out, err = run(capsys, 'recommend', str(tmp_path / 'run'), '-k', '4', '--users', '7,0',
+                         '--format', 'jsonl')
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r['user'] for r in records] == [7, 0]
+    assert all(len(r['items']) == 4 and all(isinstance(i, int) for i in r['items'])
+               for r in records)
+    code, _, err = run(capsys, 'recommend', str(tmp_path / 'run'), '--users', '300')
+    assert code == 2
+    assert_one_line_error(err, '--users: unknown user 300 (ids are 0..299)')
 
 
 def test_entry_point_and_python_m():

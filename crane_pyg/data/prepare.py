@@ -51,7 +51,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
@@ -134,7 +134,6 @@ class PrepareConfig:
     text_batch_size: int = 128
     image_batch_size: int = 32
     device: str = 'cpu'
-    extra: dict = field(default_factory=dict, repr=False)  # recorded in the README only
 
     def __post_init__(self) -> None:
         for name in ('k_core', 'text_batch_size', 'image_batch_size'):
@@ -596,7 +595,7 @@ def _move_into_place(work: Path, target: Path, overwrite: bool) -> None:
 
 def _readme(name: str, source: Path, config: PrepareConfig, stats: dict[str, Any]) -> str:
     options = {k: v for k, v in dataclasses.asdict(config).items()
-               if k != 'extra' and v != getattr(PrepareConfig, k, None)}
+               if v != getattr(PrepareConfig, k, None)}
     lines = [f'# {name}', '',
              f'MMRec-format dataset written by `crane-pyg prepare` (crane_pyg '
              f'{_package_version()}) from `{source}`'
