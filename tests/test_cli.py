@@ -163,6 +163,14 @@ def test_evaluate_matches_the_training_results(pipeline, capsys, tmp_path):
         assert metrics[split]['recall@20'] == pytest.approx(results[split]['recall@20'],
                                                             abs=1e-6)
     assert 'test ' in out and 'Recall@20' in out
+    # a checkpoint file alone (no config.yaml beside it): its stored configuration
+    import shutil
+    shutil.copy(run_dir / 'best.pt', tmp_path / 'alone.pt')
+    code, _, err = run(capsys, 'evaluate', str(tmp_path / 'alone.pt'), '--split', 'test',
+                       '--json', str(tmp_path / 'alone.json'))
+    assert code == 0, err
+    alone = json.loads((tmp_path / 'alone.json').read_text())
+    assert alone['test'] == metrics['test'] and 'valid' not in alone
 
 
 def test_recommend_users_file_jsonl_and_heldout_exclusion(pipeline, capsys, tmp_path):
