@@ -76,7 +76,7 @@ def _train(argv: Sequence[str]) -> int:
                              "(metrics.csv, the default) or 'tensorboard' (tensorboard/ in the "
                              "output directory; pip install 'crane_pyg[tensorboard]'); same as "
                              '--set train.logger=...')
-    parser.epilog = (parser.epilog or '') + ' ' + EXIT_CODES
+    parser.epilog = (parser.epilog or '') + '. ' + EXIT_CODES[0].upper() + EXIT_CODES[1:]
     args = parser.parse_args(argv)  # --help, usage errors
     argv = list(argv)
     if args.logger is not None:  # handed on as the config key it stands for

@@ -189,7 +189,8 @@ def read_table(path: PathLike, sep: Optional[str] = None) -> Any:
             except ImportError as exc:
                 raise DataFormatError(f'reading Parquet needs pyarrow ({exc}); '
                                       f"pip install 'crane_pyg[features]'", path=path) from None
-            frame = frame.astype(str).replace({'nan': '', 'None': '', '<NA>': ''})
+            frame = frame.astype(object)
+            frame = frame.where(frame.notna(), '').astype(str)  # missing -> '' as in CSV
         else:
             if sep is None:
                 sep = ',' if suffix == '.csv' else '\t'

@@ -240,3 +240,22 @@ def test_image_model_without_offline_weights(tmp_path):
     (tmp_path / 'images').mkdir()
     with pytest.raises(FeatureExtractorUnavailable, match="'resnet50' has no offline weights"):
         prepare(tmp_path, k_core=1, images=str(tmp_path / 'images'), image_model='resnet50')
+
+
+def test_parquet_input_gives_the_same_folder(tmp_path):
+    pytest.importorskip('pyarrow', reason="Parquet needs pyarrow (crane_pyg[features])")
+    import io
+
+    import pandas as pd
+    csv_folder, _ = prepare(tmp_path, k_core=1)
+    frame = pd.read_csv(io.StringIO(RAW))  # user, item as str; timestamp, rating as int64
+    frame.to_parquet(tmp_path / 'raw.parquet')
+    source = tmp_path / 'raw.parquet'
+    prepare_mmrec(source, tmp_path / 'pq', 'toy', PrepareConfig(k_core=1), progress=False,
+                  log=lambda line: None)
+    assert inter_lines(tmp_path / 'pq' / 'toy', 'toy') == inter_lines(csv_folder, 'toy')
+    frame.loc[2, 'user'] = None
+    frame.to_parquet(source)
+    with pytest.raises(DataFormatError, match=r'raw.parquet, row 2: empty user id'):
+        prepare_mmrec(source, tmp_path / 'pq', 'bad', PrepareConfig(k_core=1), progress=False,
+                      log=lambda line: None)
