@@ -22,6 +22,7 @@ not fit the dataset); 130 interrupted. Errors are one line on stderr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -399,6 +400,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f'{prog}: interrupted', file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `crane-pyg recommend RUN | head`: the reader has enough
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes
+        return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - every error becomes one line
         if os.environ.get('CRANE_PYG_TRACEBACK'):
             raise

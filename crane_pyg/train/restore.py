@@ -66,7 +66,9 @@ def load_trained(path: str | os.PathLike, *, checkpoint: str = 'best',
     Raises:
         CheckpointError: no checkpoint there, an unreadable one, or one whose
             weights do not fit the dataset (another dataset, or the folder
-            changed since training).
+            changed since training). Only sizes can be compared: a folder with
+            the same numbers of users and items (and feature sizes) but other
+            content is not detected.
         ConfigError, DatasetNotFoundError, DataFormatError: the configuration
             or the dataset cannot be used.
     """
