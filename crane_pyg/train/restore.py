@@ -19,6 +19,7 @@ import torch
 
 from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint
 from .config import ConfigError, ExperimentConfig, load_config
+from .runs import load_trained_run
 from .trainer import CONFIG_COPY, load_dataset, locate_dataset
 from .utils import resolve_device
 
@@ -106,14 +107,17 @@ def load_trained(path: str | os.PathLike, *, checkpoint: str = 'best',
                               f'configuration names {config.dataset.name!r}')
     folder = locate_dataset(config.dataset)
     data = load_dataset(config.dataset)
-    model_cls = MODELS[config.model_name]
     try:
-        model = model_cls.from_data(data, **config.model_options)
+        if yaml_file.is_file():  # a run directory: runs.load_trained_run builds the model
+            _, _, model = load_trained_run(file.parent, file.name, data=data)
+        else:  # a checkpoint alone, with the configuration it carries
+            model = MODELS[config.model_name].from_data(data, **config.model_options)
+            model.load_state_dict(state['model'])
+    except (CheckpointError, ConfigError):
+        raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f'cannot build model {config.model_name!r} on dataset '
                           f'{config.dataset.name!r}: {exc}') from exc
-    try:
-        model.load_state_dict(state['model'])
     except (RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()
         detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first
