@@ -31,6 +31,7 @@ resumed run replays the same epochs.
 from __future__ import annotations
 
 import inspect
+import math
 from abc import ABCMeta, abstractmethod
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -198,6 +199,99 @@ class Recommender(nn.Module, metaclass=ABCMeta):
         """
         user_emb, item_emb = self.embeddings() if embeddings is None else embeddings
         return user_emb.index_select(0, users) @ item_emb.t()
+
+    @torch.no_grad()
+    def recommend(
+        self,
+        users: Tensor,
+        k: int,
+        exclude: Optional[Tensor] = None,
+        *,
+        batch_size: int = 1024,
+        embeddings: Optional[Tuple[Tensor, Tensor]] = None,
+    ) -> Tuple[Tensor, Tensor]:
+        r"""The top-:obj:`k` items of every user in :obj:`users`, by
+        decreasing :meth:`score_all_items`, never an excluded pair.
+
+        Unlike PyG's :meth:`~torch_geometric.nn.models.LightGCN.recommend`,
+        items a user already has can be masked: pass
+        ``exclude=data['user', 'interacts', 'item'].edge_index`` (the
+        training interactions) or any ``[2, E]`` set of (user, item) pairs.
+        Runs in eval mode (restored afterwards), under :func:`torch.no_grad`,
+        :obj:`batch_size` users at a time (memory :math:`O(B \cdot I)`).
+
+        Args:
+            users (LongTensor): ``[B]`` user ids in ``[0, U)``.
+            k (int): items per user, ``1 <= k <= I``.
+            exclude (LongTensor, optional): ``[2, E]`` (user, item) pairs never
+                recommended (row 0 users, row 1 items).
+            batch_size (int): users scored at once. (default: ``1024``)
+            embeddings ((Tensor, Tensor), optional): the output of
+                :meth:`embeddings`, to reuse across calls.
+
+        Returns:
+            ``(scores, items)``, each ``[B, k]``, row ``b`` for ``users[b]``,
+            sorted by decreasing score. A user with fewer than :obj:`k`
+            items left after exclusion gets ``item -1`` and score
+            :math:`-\infty` in the remaining slots.
+
+        Raises:
+            ValueError: :obj:`k` outside ``[1, I]``, a user id outside
+                ``[0, U)``, or a malformed :obj:`exclude`.
+        """
+        owner = f'{type(self).__name__}.recommend'
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f'{owner}: k must be a positive int, got {k!r}')
+        if k > self.num_items:
+            raise ValueError(f'{owner}: k = {k} is larger than the catalogue '
+                             f'({self.num_items} items)')
+        check_int(owner, 'batch_size', batch_size, minimum=1)
+        users = torch.as_tensor(users).view(-1).cpu()
+        if users.is_floating_point() or users.dtype == torch.bool:
+            raise ValueError(f'{owner}: users must be integer ids, got {users.dtype}')
+        users = users.long()
+        if users.numel() and (int(users.min()) < 0 or int(users.max()) >= self.num_users):
+            bad = users[(users < 0) | (users >= self.num_users)][0]
+            raise ValueError(f'{owner}: user id {int(bad)} is outside [0, '
+                             f'{self.num_users})')
+        ptr = items_by_user = None
+        if exclude is not None:
+            exclude = torch.as_tensor(exclude).cpu()
+            if exclude.numel():
+                exclude = check_bipartite_edge_index(exclude, self.num_users,
+                                                     self.num_items, f'{owner}: exclude')
+            else:
+                exclude = exclude.view(2, 0).long()
+            order = torch.argsort(exclude[0], stable=True)
+            items_by_user = exclude[1, order]
+            counts = torch.bincount(exclude[0], minlength=self.num_users)
+            ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        was_training = self.training
+        self.eval()
+        try:
+            if embeddings is None:
+                embeddings = self.embeddings()
+            device = embeddings[0].device
+            out_scores, out_items = [], []
+            for start in range(0, users.numel(), batch_size):
+                batch = users[start:start + batch_size]
+                scores = self.score_all_items(batch.to(device), embeddings).float()
+                if ptr is not None:
+                    # the excluded items of the batch's users, row by row
+                    begin, count = ptr[batch], ptr[batch + 1] - ptr[batch]
+                    row = torch.repeat_interleave(torch.arange(batch.numel()), count)
+                    block_start = (count.cumsum(0) - count)[row]
+                    position = torch.arange(row.numel()) - block_start + begin[row]
+                    scores[row.to(device), items_by_user[position].to(device)] = -math.inf
+                values, index = scores.topk(k, dim=1)
+                index[values == -math.inf] = -1
+                out_scores.append(values.cpu())
+                out_items.append(index.cpu())
+        finally:
+            self.train(was_training)
+        if not out_scores:
+            return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
+        return torch.cat(out_scores), torch.cat(out_items)
 
     def forward(self, users: Tensor, pos_items: Tensor,
                 neg_items: Tensor) -> Tuple[Tensor, Dict[str, float]]:

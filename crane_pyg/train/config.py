@@ -193,6 +193,11 @@ class TrainConfig:
             seconds of compilation at the start (23 s on 2 CPU cores with a
             cold cache, 4 s warm) and needs a C++ compiler (CPU) or Triton (CUDA).
             (default: :obj:`False`)
+        logger (str): where the per-epoch loss parts and validation metrics
+            go besides ``history.jsonl``: ``'csv'`` (``metrics.csv``, one
+            row per epoch) or ``'tensorboard'`` (event files in
+            ``tensorboard/``; needs the ``tensorboard`` package,
+            ``pip install crane_pyg[tensorboard]``). (default: ``'csv'``)
     """
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -211,6 +216,7 @@ class TrainConfig:
     flush_denormal: bool = True
     num_neighbors: Union[tuple[int, ...], None] = None
     compile: bool = False
+    logger: Literal['csv', 'tensorboard'] = 'csv'
 
     def __post_init__(self) -> None:
         _coerce_fields(self, 'train')
@@ -737,19 +743,22 @@ def _build(flat: dict[str, Any], grid: dict[str, list[Any]], sources: dict[str, 
 def load_config(
     model: str | None = None,
     dataset: str | None = None,
-    config_file: str | os.PathLike | None = None,
+    config_file: str | os.PathLike | Mapping[str, Any] | None = None,
     overrides: Sequence[str] = (),
     flags: Mapping[str, Any] | None = None,
     *,
     config_dir: str | os.PathLike | None = None,
     registry: Mapping[str, type] | None = None,
+    config_source: str = 'configuration mapping',
 ) -> ExperimentConfig:
     r"""Resolves an experiment configuration from the layered YAML files.
 
     Args:
         model (str, optional): model name (the ``--model`` flag); highest priority.
         dataset (str, optional): dataset name (the ``--dataset`` flag).
-        config_file (path, optional): the user's YAML file.
+        config_file (path or mapping, optional): the user's YAML file, or its
+            content as a mapping (e.g. the ``config`` of a checkpoint;
+            errors then name ``config_source``).
         overrides (sequence of str): ``KEY=VALUE`` strings (``--set``).
         flags (mapping, optional): dotted key -> value set by dedicated
             command-line flags (``{'train.epochs': 5}``), applied last.
@@ -764,7 +773,9 @@ def load_config(
     """
     config_dir = Path(config_dir) if config_dir is not None else CONFIG_DIR
     user = None
-    if config_file is not None:
+    if isinstance(config_file, Mapping):
+        user = _Layer(config_source, copy.deepcopy(dict(config_file)))
+    elif config_file is not None:
         user = _Layer(str(config_file), load_yaml(config_file))
     parsed = [(parse_override(text), f'{COMMAND_LINE} (--set {text})') for text in overrides]
     flag_items = [((key, value), f'{COMMAND_LINE} ({key})') for key, value in (flags or {}).items()]

@@ -27,6 +27,8 @@ Files written to ``output_dir`` (all atomically, except the appended history):
 * ``history.jsonl``: one JSON object per epoch (loss and its parts, seconds,
   validation metrics when evaluated);
 * ``curves.png``: loss and validation Recall@K / NDCG@K over the epochs;
+* ``metrics.csv`` (or ``tensorboard/``, ``train.logger``): the loss parts and
+  validation metrics per epoch (:mod:`crane_pyg.train.loggers`);
 * ``results.json`` when the run finishes (:meth:`Trainer.fit`).
 
 ``resume=True`` restores ``last.pt`` (weights, optimizer, early-stopping
@@ -61,6 +63,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (BEST, LAST, CheckpointError, CheckpointWriteError, load_checkpoint,
                          save_checkpoint)
+from .loggers import EpochLogger, check_logger, open_logger
 from .config import (ConfigError, DataConfig, ExperimentConfig, TrainConfig,
                      default_data_root, expand_grid, load_config)
 from .rundir import OutputDirError, locked_output_dir
@@ -83,7 +86,7 @@ GRID_SUMMARY = 'grid_summary'
 #: options that may differ between a checkpoint and the resumed run (they do
 #: not change the trajectory of the epochs already run)
 RESUMABLE_CHANGES = ('train.epochs', 'train.patience', 'train.device', 'train.eval_batch_size',
-                     'train.num_threads', 'train.compile')
+                     'train.num_threads', 'train.compile', 'train.logger')
 
 Callback = Callable[['Trainer', dict], None]
 
@@ -253,6 +256,8 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
                                           weight_decay=config.weight_decay)
         self._evaluators: dict[str, Any] = {}
+        check_logger(config.logger)  # before training: tensorboard may be missing
+        self._epoch_logger: EpochLogger | None = None
 
         # state (what last.pt holds)
         self.epoch = -1                 # last completed epoch
@@ -455,6 +460,8 @@ class Trainer:
                 _rewrite_history(self.output_dir / HISTORY, [])
             self._save_last()  # the initial state: a Ctrl-C in epoch 0 can resume
 
+        if self.is_main:
+            self._epoch_logger = open_logger(cfg.logger, self.output_dir, self.epoch + 1)
         status = 'paused'
         epochs_this_run = 0
         try:
@@ -474,6 +481,9 @@ class Trainer:
                   f'{self._saved_epoch}; continue the run with the same command plus --resume '
                   f'(Trainer(..., resume=True) in Python)', file=sys.stderr, flush=True)
         finally:
+            if self._epoch_logger is not None:
+                self._epoch_logger.close()
+                self._epoch_logger = None
             if self.history and self.plot and self.is_main:
                 failing = sys.exc_info()[0] is not None
                 try:
@@ -533,6 +543,8 @@ class Trainer:
         if self.is_main:
             with open(self.output_dir / HISTORY, 'a', encoding='utf-8') as f:
                 f.write(json.dumps(to_jsonable(record)) + '\n')
+            if self._epoch_logger is not None:
+                self._epoch_logger.log_epoch(record, self.history)
             if record.get('best'):
                 save_checkpoint(self.output_dir / BEST, self.state())
         self._save_last()

@@ -135,7 +135,7 @@ def test_only_rank_zero_writes(ddp_run):
     out, ranks = ddp_run
     run = out / 'run'
     assert sorted(p.name for p in run.iterdir()) == ['best.pt', 'history.jsonl', 'last.pt',
-                                                     'results.json']
+                                                     'metrics.csv', 'results.json']
     saved = json.loads((run / 'results.json').read_text())
     assert saved['test'] == pytest.approx(ranks[0]['results']['test'])
     assert len((run / 'history.jsonl').read_text().splitlines()) == 2

@@ -120,7 +120,7 @@ def test_results_json_history_and_curves(synthetic_data, tmp_path):
     assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 1000
     assert not list(out.glob('*.tmp')) and not list(out.glob('.*'))  # no temporary files left
     assert {p.name for p in out.iterdir()} == {'results.json', 'history.jsonl', 'curves.png',
-                                               LAST, BEST}
+                                               'metrics.csv', LAST, BEST}
 
 
 def test_test_metrics_come_from_the_best_validation_epoch(synthetic_data, tmp_path):
