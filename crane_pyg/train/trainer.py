@@ -78,6 +78,15 @@ __all__ = ['Trainer', 'DatasetNotFoundError', 'load_dataset', 'locate_dataset', 
            'build_parser', 'main', 'RESULTS', 'HISTORY', 'CURVES']
 
 RESULTS = 'results.json'
+#: how a run ended, by status (``results.json``'s ``ended_by``)
+ENDED_BY = {'completed': 'epoch_limit', 'early_stopped': 'early_stopping',
+            'paused': 'paused', 'interrupted': 'interrupted'}
+#: the summary line's words for it
+ENDINGS = {'completed': 'stopped by the epoch limit (train.epochs) before early stopping',
+           'early_stopped': 'early stopping', 'paused': 'paused', 'interrupted': 'interrupted'}
+#: a best epoch among this many first evaluations, with ``patience`` more after
+#: it, is warned about (:meth:`Trainer.early_best_warning`)
+EARLY_EVALUATIONS = 3
 HISTORY = 'history.jsonl'
 CURVES = 'curves.png'
 CONFIG_COPY = 'config.yaml'
@@ -267,6 +276,7 @@ class Trainer:
         self.best_test: dict[str, float] = {}
         self.bad_evals = 0
         self.history: list[dict[str, Any]] = []
+        self.resumed_after: list[int] = []  # the epochs after which this run was resumed
         self._saved_epoch = -1          # the epoch of the last.pt on disk
 
     # ------------------------------------------------------------------
@@ -312,6 +322,7 @@ class Trainer:
                            'bad_evals': self.bad_evals, 'valid': dict(self.best_valid),
                            'test': dict(self.best_test)},
             'history': self.history,
+            'resumed_after': list(self.resumed_after),
             'rng': get_rng_state(),
             'sampler_seed': self.sampler.seed,
             'config': to_jsonable(self.experiment),
@@ -333,6 +344,7 @@ class Trainer:
         self.best_valid = dict(early['valid'])
         self.best_test = dict(early['test'])
         self.history = list(state['history'])
+        self.resumed_after = list(state.get('resumed_after', []))  # older checkpoints lack it
         set_rng_state(state['rng'])
 
     def _check_compatible(self, state: Mapping[str, Any]) -> None:
@@ -446,6 +458,7 @@ class Trainer:
         if resuming:
             self.load_state(load_checkpoint(last, map_location='cpu'))
             self._saved_epoch = self.epoch
+            self.resumed_after.append(self.epoch)
             if self.is_main:
                 _rewrite_history(self.output_dir / HISTORY, self.history)
             self._log(f'resuming {self.output_dir} after epoch {self.epoch} '
@@ -494,6 +507,11 @@ class Trainer:
 
         results = self.results(status)
         if status in ('completed', 'early_stopped'):
+            early = self.early_best_warning()
+            if early is not None:
+                results['warnings'] = [early]
+                if self.is_main:
+                    warnings.warn(early)
             if self.distributed is not None:
                 from .distributed import barrier
                 barrier(self.distributed)  # rank 0 has written best.pt
@@ -503,10 +521,28 @@ class Trainer:
             if self.is_main:
                 atomic_write_json(self.output_dir / RESULTS, results)
             if not self.quiet:
-                self._log(f'{status.replace("_", " ")} after epoch {self.epoch}; best '
+                self._log(f'{ENDINGS[status]} after epoch {self.epoch}; best '
                          f'{self.config.stop_metric} {self.best_score:.4f} at epoch '
                          f'{self.best_epoch}; results in {self.output_dir / RESULTS}')
         return results
+
+    def early_best_warning(self) -> str | None:
+        r"""A warning when the best validation epoch is among the first
+        :data:`EARLY_EVALUATIONS` evaluations although at least ``patience``
+        more followed: the model peaked right after a fast start and then
+        stalled (or training diverged from it), a run to look at before
+        trusting its figures. :obj:`None` otherwise."""
+        evaluated = [r['epoch'] for r in self.history if 'valid' in r]
+        if self.best_epoch < 0 or self.best_epoch not in evaluated:
+            return None
+        rank = evaluated.index(self.best_epoch)
+        after = len(evaluated) - rank - 1
+        if rank >= EARLY_EVALUATIONS or after < self.config.patience:
+            return None
+        return (f'the best {self.config.stop_metric} came at epoch {self.best_epoch}, '
+                f'evaluation {rank + 1} of {len(evaluated)}, and the {after} evaluations '
+                f'after it did not improve on it: the run peaked right after its start; '
+                f'check the curves ({self.output_dir / CURVES}) before trusting the result')
 
     def _run_epoch(self, epoch: int) -> None:
         start = time.perf_counter()
@@ -557,8 +593,12 @@ class Trainer:
     def results(self, status: str = 'completed') -> dict[str, Any]:
         r"""The results so far.
 
-        Keys: ``dataset``, ``model``, ``status``, ``config`` (the full
-        configuration), ``best_epoch``, ``stop_metric``, ``valid`` and ``test``
+        Keys: ``dataset``, ``model``, ``status``, ``ended_by``
+        (``'early_stopping'``, ``'epoch_limit'``: every epoch of
+        ``train.epochs`` ran and early stopping never fired, ``'paused'`` or
+        ``'interrupted'``), ``resumed_after_epochs`` (the epochs after which
+        the run was resumed), ``warnings`` (when there are any, e.g.
+        :meth:`early_best_warning`), ``config`` (the full configuration), ``best_epoch``, ``stop_metric``, ``valid`` and ``test``
         (flat ``{'recall@10': ..., 'ndcg@20': ..., ...}`` at the best validation
         epoch), ``epochs_run``, ``seconds_per_epoch`` (median training epoch),
         ``eval_seconds`` (median validation pass), ``total_train_seconds``,
@@ -574,6 +614,8 @@ class Trainer:
             'dataset': self.dataset_name,
             'model': self.model_name,
             'status': status,
+            'ended_by': ENDED_BY[status],
+            'resumed_after_epochs': list(self.resumed_after),
             'config': to_jsonable(self.experiment),
             'best_epoch': self.best_epoch,
             'stop_metric': self.config.stop_metric,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,46 @@ def test_early_stopping(synthetic_data, tmp_path, script, patience, best_epoch, 
     assert results['test'] == {'recall@20': 1000.0 + best_epoch}
     assert [r['bad_evals'] for r in trainer.history][-1] == patience
     assert len(read_history(tmp_path)) == epochs_run
+
+
+def test_results_say_how_the_run_ended_and_warn_about_an_early_best(synthetic_data, tmp_path):
+    """``ended_by`` tells early stopping from the epoch limit; a best epoch
+    among the first evaluations with ``patience`` evaluations after it is
+    warned about (a plateau right after a fast start); a later best is not."""
+    def run(script, patience, out):
+        Scripted.script = script
+        torch.manual_seed(0)
+        trainer = Scripted(TinyMF.from_data(synthetic_data), synthetic_data,
+                           tiny_config(epochs=len(script), patience=patience), out,
+                           quiet=True, log=lambda s: None, plot=False)
+        return trainer.fit()
+
+    with pytest.warns(UserWarning, match='best recall@20 came at epoch 1, evaluation 2 of 5'):
+        early = run([0.1, 0.2, 0.15, 0.2, 0.19, 0.18], 3, tmp_path / 'early')
+    assert early['ended_by'] == 'early_stopping' and len(early['warnings']) == 1
+    on_disk = json.loads((tmp_path / 'early' / 'results.json').read_text())
+    assert on_disk['ended_by'] == 'early_stopping' and on_disk['warnings'] == early['warnings']
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        late = run([0.1, 0.2, 0.3, 0.4, 0.5, 0.45], 3, tmp_path / 'late')
+    assert late['ended_by'] == 'epoch_limit' and 'warnings' not in late
+    assert late['resumed_after_epochs'] == []
+
+
+def test_a_cut_run_closed_by_resume_says_so(synthetic_data, tmp_path):
+    def interrupt(trainer, record):
+        if record['epoch'] == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / 'cut'
+    stopped = make_trainer(synthetic_data, out, config=tiny_config(epochs=4),
+                           callbacks=[interrupt]).fit()
+    assert stopped['ended_by'] == 'interrupted'
+    # closed with --resume and an epoch cap at the point where it stopped
+    closed = make_trainer(synthetic_data, out, config=tiny_config(epochs=2), resume=True).fit()
+    assert closed['status'] == 'completed' and closed['ended_by'] == 'epoch_limit'
+    assert closed['resumed_after_epochs'] == [1]
+    assert json.loads((out / 'results.json').read_text())['resumed_after_epochs'] == [1]
 
 
 def test_early_stopping_counts_evaluations_not_epochs(synthetic_data, tmp_path):
