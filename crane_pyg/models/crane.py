@@ -806,5 +806,5 @@ class CRANE(Recommender):
                 f'reg_form={self.l2.form!r}, '
                 f'content_reg={self.content_reg}, semantic_scale={self.semantic_scale}, '
                 f'learn_semantic_scale={self.learn_semantic_scale}, '
-                f'edge_dropout={self.edge_dropout}, '
+                f'edge_dropout={self.edge_dropout}, id_item_graph={self.id_item_graph}, '
                 f'graph_rebuild_every={self.graph_rebuild_every}')
