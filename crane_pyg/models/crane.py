@@ -185,8 +185,8 @@ class CRANE(Recommender):
             to smooth over and it has no effect. On a 20 % user subsample of
             amazon-games it removes CRANE's early plateau: without it
             validation Recall@20 peaks after 5 epochs (0.103) and stalls, with
-            it it keeps rising (0.119 after 29 epochs; full runs stop at
-            epoch 90 and later); on TikTok a 40-epoch screen put it 0.0013
+            it it keeps rising (0.119 after 29 epochs; three full runs had
+            their best epochs at 90, 65 and 66); on TikTok a 40-epoch screen put it 0.0013
             below (validation Recall@20 0.0824 against 0.0837, both with
             ``lambda_cl=0``) (README "Results"). (default: :obj:`True`)
         graph_rebuild_every (int): :math:`T`, epochs between rebuilds of the
