@@ -64,6 +64,7 @@ except ImportError:  # a source checkout without installation
 
 import yaml  # noqa: E402
 
+from crane_pyg.metrics import FullRankingEvaluator
 from crane_pyg.metrics.significance import paired_wilcoxon, seed_averaged
 from crane_pyg.train import (ConfigError, DatasetNotFoundError, expand_grid, load_config,
                              load_dataset, run_experiment)
@@ -338,12 +339,14 @@ def significance(runs: Sequence[dict[str, Any]], target: str, rows: Sequence[dic
     seeds per model, and the paired Wilcoxon test of ``target`` against every
     other model; ``best_baseline`` is the other model with the highest mean
     validation stop metric."""
-    data = None
+    data = evaluator = None
+    ks = sorted({int(m.split('@')[1]) for m in metrics})
     per_model: dict[str, dict[str, list[dict[int, float]]]] = {}
     for run in runs:
         _, data, model = load_trained_run(run['output_dir'], data=data)
-        ks = sorted({int(m.split('@')[1]) for m in metrics})
-        values = per_user_metrics(model, data, 'test', ks)
+        if evaluator is None:  # one evaluator for every run: they share the data
+            evaluator = FullRankingEvaluator(data, split='test', ks=ks)
+        values = per_user_metrics(model, data, 'test', ks, evaluator=evaluator)
         users = values['users'].tolist()
         for metric in metrics:
             per_model.setdefault(run['model'], {}).setdefault(metric, []).append(

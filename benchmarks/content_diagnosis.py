@@ -39,12 +39,11 @@ K = 20
 
 
 @torch.no_grad()
-def top_k_overlap(model: CRANE, data: Any, a: tuple, b: tuple, k: int = K,
-                  split: str = 'valid') -> dict[str, float]:
+def top_k_overlap(model: CRANE, evaluator: FullRankingEvaluator, a: tuple, b: tuple,
+                  k: int = K) -> dict[str, float]:
     r"""Mean :math:`|T_a(u) \cap T_b(u)| / k` of the masked top-``k`` lists of
-    two embedding pairs over the evaluated users of ``split``, and the
-    fraction of users whose list differs."""
-    evaluator = FullRankingEvaluator(data, split=split, ks=(k, ))
+    two embedding pairs over the users of :obj:`evaluator`, and the fraction
+    of users whose list differs."""
     top_a = evaluator.recommend(lambda u: model.score_all_items(u, a), evaluator.users, k)
     top_b = evaluator.recommend(lambda u: model.score_all_items(u, b), evaluator.users, k)
     same = (top_a.unsqueeze(-1) == top_b.unsqueeze(-2)).any(-1).sum(-1).float() / k
@@ -58,11 +57,13 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
         raise SystemExit(f'{run_dir}: model {config.model_name!r} is not CRANE')
     views = {view: model.view_embeddings(view) for view in VIEWS}
     result: dict[str, Any] = {'run': str(run_dir), 'model_options': config.model_options}
+    evaluator = FullRankingEvaluator(data, split='valid', ks=(K, ))  # one for every view
     for view, emb in views.items():
-        values = per_user_metrics(model, data, 'valid', (K, ), embeddings=emb)
+        values = per_user_metrics(model, data, 'valid', (K, ), embeddings=emb,
+                                  evaluator=evaluator)
         result[view] = {name: float(values[name].double().mean())
                         for name in (f'recall@{K}', f'ndcg@{K}')}
-    result['top20_full_vs_behavioural'] = top_k_overlap(model, data, views['full'],
+    result['top20_full_vs_behavioural'] = top_k_overlap(model, evaluator, views['full'],
                                                         views['behavioural'])
     e_user, e_item = views['behavioural']
     h_user, h_item = views['semantic']

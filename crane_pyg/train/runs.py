@@ -52,15 +52,19 @@ def load_trained_run(run_dir: str | os.PathLike, checkpoint: str = BEST, *,
 def per_user_metrics(model: torch.nn.Module, data: Any, split: str = 'test',
                      ks: Sequence[int] = (10, 20), *,
                      embeddings: Optional[Tuple[Tensor, Tensor]] = None,
-                     batch_size: int = 4096) -> dict[str, Any]:
+                     batch_size: int = 4096, evaluator: Any = None) -> dict[str, Any]:
     r"""Per-user full-ranking metrics of :obj:`model` on :obj:`split`:
     ``{'users': LongTensor[n], '<metric>@<k>': Tensor[n], ...}`` over the
     users the :class:`~crane_pyg.metrics.FullRankingEvaluator` evaluates
     (those with a held-out item in the split). :obj:`embeddings` replaces
-    ``model.embeddings()`` (e.g. one view of CRANE)."""
+    ``model.embeddings()`` (e.g. one view of CRANE); :obj:`evaluator`, a
+    :class:`~crane_pyg.metrics.FullRankingEvaluator` of :obj:`data` built
+    once, is reused instead of building one per call (several runs or views
+    on the same data)."""
     from crane_pyg.metrics import FullRankingEvaluator
 
-    evaluator = FullRankingEvaluator(data, split=split, ks=ks, batch_size=batch_size)
+    if evaluator is None:
+        evaluator = FullRankingEvaluator(data, split=split, ks=ks, batch_size=batch_size)
     was_training = model.training
     model.eval()
     try:
