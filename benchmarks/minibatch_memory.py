@@ -1,12 +1,12 @@
 r"""When CRANE's mini-batch mode pays off: peak memory and step time of a
 training step, full-batch against sampled subgraphs, as the graph grows.
 
-Modes (:mod:`crane_pyg.train.minibatch`):
+Modes (:mod:`crane_pyg.models.minibatch`):
 
 * ``full``: :meth:`CRANE.loss <crane_pyg.models.CRANE.loss>`, propagation
   of all :math:`U + I` nodes and encoders + RCA on all :math:`I` items,
   :math:`O((U + I) d L)` activations kept for the backward pass;
-* ``mini[-1,-1]``: :class:`~crane_pyg.train.minibatch.MiniBatchCRANE` with
+* ``mini[-1,-1]``: :class:`~crane_pyg.models.minibatch.MiniBatchCRANE` with
   every neighbour on both user-item hops (exact: same loss and gradients);
 * ``mini[10,10]``, ``mini[5,5]``: sampled fan-outs; encoders and RCA on at
   most :math:`|S_0| (1 + \bar{k})^{L_{ii}}` items,
@@ -89,7 +89,7 @@ def _trainer(model, num_neighbors, batches, device):
     step (zero_grad, loss of the mode, backward, Adam) and appends its loss
     to ``losses``; ``module`` is the mini-batch loss module (None: full)."""
     import torch
-    from crane_pyg.train.minibatch import minibatch_loss_module
+    from crane_pyg.models.minibatch import minibatch_loss_module
 
     module = None if num_neighbors is None else minibatch_loss_module(model, num_neighbors)
     loss_fn = model.loss if module is None else module

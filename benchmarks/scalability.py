@@ -17,7 +17,7 @@ values. Every point runs in a fresh subprocess, which reports
   timed with forward hooks on CRANE's own submodules: ``ui_prop``
   (``CRANE.ui_encoder``, the UserItemConv stack), ``ii_prop``
   (``CRANE.item_conv``, ItemItemConv), ``encoders`` (modality
-  ``nn.Linear``), ``profiles`` (``CRANE._profiles`` + the ``item_mean``
+  ``nn.Linear``), ``profiles`` (``CRANE.profiles`` + the ``item_mean``
   UserProfileAggregation), ``rca`` (RecursiveCrossModalAttention) and
   ``loss_backward`` (the rest of the step: losses, backward, Adam), plus
   ``sampling`` (:class:`~crane_pyg.data.BPRSampler` ``.sample`` of a whole
@@ -89,7 +89,7 @@ USER_FRACTION = 2 / 3  # U = 2N/3, I = N/3
 # ---------------------------------------------------------------------------
 
 class _PartTimer:
-    r"""Accumulates wall-clock time of module forwards / wrapped methods."""
+    r"""Accumulates wall-clock time of module forwards (forward hooks)."""
 
     def __init__(self, device):
         self.device = device
@@ -107,16 +107,6 @@ class _PartTimer:
 
         module.register_forward_pre_hook(pre)
         module.register_forward_hook(post)
-
-    def wrap(self, fn, name: str):
-        def timed(*args, **kwargs):
-            synchronize(self.device)
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            synchronize(self.device)
-            self.add(name, time.perf_counter() - t0)
-            return out
-        return timed
 
     def add(self, name: str, dt: float) -> None:
         self.totals[name] = self.totals.get(name, 0.0) + dt
@@ -163,9 +153,9 @@ def _run_point(p: Dict[str, Any]) -> Dict[str, Any]:
     timer.hook(model.rca, 'rca')
     for enc in model.encoders:
         timer.hook(enc, 'encoders')
-    if model.item_mean is not None:
-        timer.hook(model.item_mean, 'profiles')
-    model._profiles = timer.wrap(model._profiles, 'profiles')
+    for module in (model.profiles, model.item_mean):  # public submodules, forward hooks
+        if module is not None:
+            timer.hook(module, 'profiles')
 
     reset_peak(device)
     step_samples: List[Dict[str, float]] = []

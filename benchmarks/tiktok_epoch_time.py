@@ -225,8 +225,8 @@ def step_breakdown(data: Any, sampler: Any, args: Any, device: torch.device,
         model, optimizer = build_model(name, data, args.seed, device)
         model.train()
         batch_users = torch.unique(users)
-        x_item = model._encode_items().detach()
-        rca_input = torch.cat([x_item, model._profiles(x_item, batch_users).detach()])
+        x_item = model.encode_items().detach()
+        rca_input = torch.cat([x_item, model.profiles(x_item, batch_users, model.encoders).detach()])
         rca_input.requires_grad_()
 
         def backward(*tensors: torch.Tensor) -> None:
@@ -246,7 +246,7 @@ def step_breakdown(data: Any, sampler: Any, args: Any, device: torch.device,
                                           repeats, warmup=3)['median'],
             'semantic': 1000 * time_fn(lambda: backward(*model.semantic(batch_users)), device,
                                        repeats, warmup=3)['median'],
-            'encoders': 1000 * time_fn(lambda: backward(model._encode_items()), device,
+            'encoders': 1000 * time_fn(lambda: backward(model.encode_items()), device,
                                        repeats, warmup=3)['median'],
             'rca': 1000 * time_fn(lambda: backward(model.rca(rca_input)), device, repeats,
                                   warmup=3)['median'],

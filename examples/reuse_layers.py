@@ -43,11 +43,12 @@ class ContentLightGCN(nn.Module):
         self.profile = UserProfileAggregation(normalize='mean')
         self.rca = RecursiveCrossModalAttention(len(feature_dims), dim, num_recursions=2)
 
-    def forward(self, features: List[Tensor], ui_edge_index: Tensor,
+    def forward(self, features: List[Tensor], iu_edge_index: Tensor,
                 edge_index: Tensor) -> Tensor:
         # --- begin core ---
         x_item = torch.stack([enc(f) for enc, f in zip(self.encoders, features)], dim=1)
-        x_user = self.profile(x_item, ui_edge_index, self.num_users)  # [U, M, d]
+        x_user = self.profile((x_item, None), iu_edge_index,          # items -> users
+                              size=(self.num_items, self.num_users))  # [U, M, d]
         content = self.rca(torch.cat([x_user, x_item], dim=0))        # [U + I, d]
         x = self.lightgcn.embedding.weight + content                  # augmented input
         out = x * self.lightgcn.alpha[0]
@@ -73,6 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                               modalities={'image': 64, 'text': 96})
     num_users, num_items = data['user'].num_nodes, data['item'].num_nodes
     ui_edge_index = data['user', 'interacts', 'item'].edge_index
+    iu_edge_index = data['item', 'rev_interacts', 'user'].edge_index
     features = [data['item'][m] for m in data.modalities]
     # Homogeneous graph for PyG's LightGCN: items become nodes U..U+I-1.
     ui = torch.stack([ui_edge_index[0], ui_edge_index[1] + num_users])
@@ -86,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     def recall() -> float:
         model.eval()
         with torch.no_grad():
-            emb = model(features, ui_edge_index, edge_index)
+            emb = model(features, iu_edge_index, edge_index)
         user_emb, item_emb = emb[:num_users], emb[num_users:]
         return evaluator.evaluate(lambda u: user_emb[u] @ item_emb.t())['recall@20']
 
@@ -96,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         model.train()
         total, count = 0.0, 0
         for users, pos, neg in sampler.batches(epoch, args.batch_size):
-            emb = model(features, ui_edge_index, edge_index)
+            emb = model(features, iu_edge_index, edge_index)
             src, dst_pos, dst_neg = emb[users], emb[num_users + pos], emb[num_users + neg]
             node_id = torch.cat([users, num_users + pos, num_users + neg])
             loss = model.lightgcn.recommendation_loss(

@@ -1,12 +1,16 @@
 r"""Recommendation models. Every model is a :class:`Recommender` with the
 same interface (``from_data``, ``on_epoch_start``, ``loss``, ``embeddings``,
-``score_all_items``); :data:`MODELS` maps config names to classes."""
+``score_all_items``); :data:`MODELS` maps config names to classes. The
+mini-batch (sampled-subgraph) forms of CRANE and LightGCN sit beside them in
+:mod:`crane_pyg.models.minibatch`, built from the models' public pieces."""
 from typing import Dict, Type
 
 from crane_pyg.models.base import Recommender
 from crane_pyg.models.crane import CRANE
 from crane_pyg.models.freedom import FREEDOM
 from crane_pyg.models.lightgcn import LightGCN
+from crane_pyg.models.minibatch import (MiniBatchCRANE, MiniBatchLightGCN,
+                                        UserItemSubgraphSampler, minibatch_loss_module)
 from crane_pyg.models.vbpr import VBPR
 
 #: config name -> model class
@@ -17,4 +21,5 @@ MODELS: Dict[str, Type[Recommender]] = {
     'freedom': FREEDOM,
 }
 
-__all__ = ['Recommender', 'CRANE', 'LightGCN', 'VBPR', 'FREEDOM', 'MODELS']
+__all__ = ['Recommender', 'CRANE', 'LightGCN', 'VBPR', 'FREEDOM', 'MODELS', 'MiniBatchCRANE',
+           'MiniBatchLightGCN', 'UserItemSubgraphSampler', 'minibatch_loss_module']

@@ -333,7 +333,10 @@ class Recommender(nn.Module, metaclass=ABCMeta):
         return check_bipartite_edge_index(edge_index, self.num_users, self.num_items,
                                           f'{type(self).__name__}: {name!r}')
 
-    def _check_batch(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> None:
+    def check_batch(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> None:
+        r"""Raises a clear error unless ``users``, ``pos_items`` and
+        ``neg_items`` are three non-empty 1-D tensors of equal length with ids
+        in range (what :meth:`loss` and the mini-batch forms accept)."""
         cls = type(self).__name__
         if not (isinstance(users, Tensor) and isinstance(pos_items, Tensor)
                 and isinstance(neg_items, Tensor)):
@@ -346,6 +349,8 @@ class Recommender(nn.Module, metaclass=ABCMeta):
                              f'{list(pos_items.shape)}, {list(neg_items.shape)}')
         if users.numel() == 0:
             raise ValueError(f'{cls}.loss: empty batch')
+
+    _check_batch = check_batch  # its name before issue 13, for models written against it
 
 
 # ----------------------------------------------------------------------
@@ -524,11 +529,10 @@ def item_adjacency(
     num_items: int,
     owner: str,
 ) -> Tuple[Tensor, Tensor]:
-    r"""The item-item graph in the *matrix* orientation of
-    :class:`~crane_pyg.nn.ItemItemConv` (``index[0]`` receives from
-    ``index[1]``), from a graph in the orientation of
-    :class:`~crane_pyg.transforms.ItemKNNGraph` (``edge_index[1]``
-    aggregates from ``edge_index[0]``), or built with
+    r"""The (checked) item-item graph, in PyG's source-to-target order
+    (``edge_index[1]`` aggregates from ``edge_index[0]``) as
+    :class:`~crane_pyg.transforms.ItemKNNGraph` writes it and
+    :class:`~crane_pyg.nn.ItemItemConv` reads it, or built with
     :func:`~crane_pyg.transforms.knn_adjacency` from :obj:`features` when
     :obj:`item_edge_index` is :obj:`None`."""
     if item_edge_index is None:
@@ -541,7 +545,7 @@ def item_adjacency(
             [x.float() for x in features.values()], k, weights)
     item_edge_index, item_edge_weight = check_item_graph(
         item_edge_index, item_edge_weight, num_items, owner)
-    return item_edge_index.flip(0), item_edge_weight
+    return item_edge_index, item_edge_weight
 
 
 def check_choice(owner: str, name: str, value: Any, choices: Sequence[Any]) -> None:

@@ -36,7 +36,7 @@ from crane_pyg.nn import (
 from crane_pyg.nn.loss import L2_FORMS
 from crane_pyg.transforms import knn_adjacency
 
-__all__ = ['CRANE']
+__all__ = ['CRANE', 'UserProfiles']
 
 #: the views :meth:`CRANE.view_embeddings` can score with
 VIEWS = ('full', 'behavioural', 'semantic')
@@ -44,6 +44,80 @@ VIEWS = ('full', 'behavioural', 'semantic')
 #: buffers holding the (possibly rebuilt) item-item graph; their number of
 #: entries changes with every rebuild
 _GRAPH_BUFFERS = ('item_adj_index', 'item_adj_weight')
+
+
+class UserProfiles(nn.Module):
+    r"""CRANE's user multimodal profiles (step 2 of :class:`CRANE`),
+    :math:`\mathbf{p}_m(u) = \sum_{i \in \mathcal{N}(u)} a_{ui}
+    \mathbf{x}_m(i)` with :math:`\mathbf{x}_m = \mathbf{W}_m \mathbf{f}_m +
+    \mathbf{b}_m`, one :class:`~crane_pyg.nn.UserProfileAggregation` step
+    item :math:`\to` user. With ``precompute=True`` the raw features are
+    aggregated once, :math:`\bar{\mathbf{f}}_m(u) = \sum_i a_{ui}
+    \mathbf{f}_m(i)` and :math:`s(u) = \sum_i a_{ui}` (non-persistent
+    buffers ``feature_<m>`` ``[U, d_m]`` and ``mass`` ``[U]``), and a call
+    only projects the requested users, :math:`\mathbf{p}_m(u) = \mathbf{W}_m
+    \bar{\mathbf{f}}_m(u) + s(u) \mathbf{b}_m` (the same numbers, since
+    :math:`\mathbf{W}_m` is linear).
+
+    Args:
+        features (list of Tensor): ``[I, d_m]`` per modality.
+        edge_index (Tensor): ``[2, E]`` training interactions, row 0 users.
+        num_users (int): :math:`U`.
+        normalize (str): ``'mean'`` or ``'sym'`` (:math:`a_{ui}`).
+        precompute (bool): aggregate the raw features once (see above).
+        backend (str): sparse backend.
+
+    Shapes:
+        - **input:** ``x_item`` :math:`(I, M, d)` (unused with
+          ``precompute=True``), ``users`` :math:`(U_b)` or :obj:`None` (all),
+          ``encoders`` the :math:`M` :class:`~torch.nn.Linear` encoders;
+        - **output:** :math:`(U_b, M, d)`.
+    """
+
+    def __init__(self, features: List[Tensor], edge_index: Tensor, num_users: int,
+                 normalize: str = 'mean', precompute: bool = True,
+                 backend: str = 'auto') -> None:
+        super().__init__()
+        self.num_users, self.num_items = int(num_users), int(features[0].size(0))
+        self.precompute = bool(precompute)
+        self.aggregation = UserProfileAggregation(normalize, cached=True, backend=backend)
+        size = (self.num_items, self.num_users)
+        if self.precompute:
+            # one normalised adjacency for every modality and the mass, on the
+            # features' device (edge_index may live elsewhere)
+            device = features[0].device
+            graph = edge_index.to(device).flip(0)
+            with torch.no_grad():
+                for m, x in enumerate(features):
+                    self.register_buffer(f'feature_{m}',
+                                         self.aggregation((x.float(), None), graph, size=size),
+                                         persistent=False)
+                ones = torch.ones(self.num_items, 1, device=device)
+                self.register_buffer('mass', self.aggregation((ones, None), graph,
+                                                              size=size).squeeze(-1),
+                                     persistent=False)
+            self.aggregation.reset_cache()
+        else:  # items -> users, PyG's source-to-target order
+            self.register_buffer('item_user_index', edge_index.flip(0), persistent=False)
+
+    def forward(self, x_item: Optional[Tensor], users: Optional[Tensor],
+                encoders: nn.ModuleList) -> Tensor:
+        if self.precompute:
+            mass = self.mass if users is None else self.mass.index_select(0, users)
+            out = []
+            for m, enc in enumerate(encoders):
+                agg = getattr(self, f'feature_{m}')
+                if users is not None:
+                    agg = agg.index_select(0, users)
+                out.append(torch.addmm(mass.unsqueeze(-1) * enc.bias, agg, enc.weight.t()))
+            return torch.stack(out, dim=1)
+        profiles = self.aggregation((x_item, None), self.item_user_index,
+                                    size=(x_item.size(0), self.num_users))
+        return profiles if users is None else profiles.index_select(0, users)
+
+    def extra_repr(self) -> str:
+        return (f'num_users={self.num_users}, normalize={self.aggregation.normalize!r}, '
+                f'precompute={self.precompute}')
 
 
 class CRANE(Recommender):
@@ -379,10 +453,11 @@ class CRANE(Recommender):
         self.seed = seed
         self.modalities = list(features)
         self.num_modalities = len(features)
-        self._propagate_items = propagate_items
-        # which user semantic parts exist
-        self._needs_z_user = user_semantic in ('profile', 'both')
-        self._needs_item_mean = user_semantic in ('items', 'both')
+        #: whether the semantic view is smoothed over the item graph
+        self.propagate_items = propagate_items
+        #: which parts the user semantic view has: the code z_u, the item mean
+        self.needs_z_user = user_semantic in ('profile', 'both')
+        self.needs_item_mean = user_semantic in ('items', 'both')
 
         # -- graphs ----------------------------------------------------------
         edge_index = self._check_edge_index(edge_index)
@@ -413,31 +488,16 @@ class CRANE(Recommender):
         self.rca = RecursiveCrossModalAttention(
             self.num_modalities, embedding_dim,
             num_recursions=num_recursions if self.use_rca else 0, dropout=rca_dropout)
-        self.profile_agg: Optional[UserProfileAggregation] = None
-        if self.use_profiles and self._needs_z_user:
-            if self.precompute_profiles:
-                # one normalised adjacency for every modality and the mass, on
-                # the features' device (edge_index may live elsewhere)
-                agg = UserProfileAggregation(profile_norm, cached=True, backend=backend)
-                device = next(iter(features.values())).device
-                graph = edge_index.to(device)
-                with torch.no_grad():
-                    for m, x in enumerate(features.values()):
-                        self.register_buffer(f'profile_feature_{m}',
-                                             agg(x.float(), graph, num_users),
-                                             persistent=False)
-                    ones = torch.ones(num_items, 1, device=device)
-                    self.register_buffer('profile_mass',
-                                         agg(ones, graph, num_users).squeeze(-1),
-                                         persistent=False)
-            else:
-                self.profile_agg = UserProfileAggregation(profile_norm, cached=True,
-                                                          backend=backend)
+        self.profiles = (UserProfiles(list(features.values()), edge_index, num_users,
+                                      profile_norm, self.precompute_profiles, backend)
+                         if self.use_profiles and self.needs_z_user else None)
         self.user_semantic_embedding = (
             nn.Embedding(num_users, embedding_dim)
-            if (not self.use_profiles and self._needs_z_user) else None)
+            if (not self.use_profiles and self.needs_z_user) else None)
         self.item_mean = (UserProfileAggregation('mean', cached=True, backend=backend)
-                          if self._needs_item_mean else None)
+                          if self.needs_item_mean else None)
+        if self.item_mean is not None:  # items -> users, PyG's source-to-target order
+            self.register_buffer('item_user_index', edge_index.flip(0), persistent=False)
 
         # -- behavioural side -----------------------------------------------
         self.user_embedding = nn.Embedding(num_users, embedding_dim)
@@ -533,19 +593,19 @@ class CRANE(Recommender):
     def rebuild_item_graph(self) -> None:
         r"""Replaces the item graph by :math:`\beta \hat{\mathbf{S}}_{raw} +
         (1 - \beta) \mathrm{kNN}(\mathbf{Z}_I)` (see the class docstring)."""
-        if not self._propagate_items:
+        if not self.propagate_items:
             raise RuntimeError('CRANE.rebuild_item_graph: the model has no item graph')
         was_training = self.training
         self.eval()
         try:
-            z_item = self.rca(self._encode_items())
+            z_item = self.rca(self.encode_items())
         finally:
             self.train(was_training)
         new_index, new_weight = knn_adjacency([z_item], self.knn_k)
         raw_index = getattr(self, 'raw_item_adj_index', self.item_adj_index)
         raw_weight = getattr(self, 'raw_item_adj_weight', self.item_adj_weight)
         beta = self.rebuild_mix
-        index = torch.cat([raw_index, new_index.flip(0)], dim=1)  # matrix orientation
+        index = torch.cat([raw_index, new_index], dim=1)  # both source -> target
         weight = torch.cat([beta * raw_weight, (1.0 - beta) * new_weight.to(raw_weight)])
         index, weight = coalesce(index, weight, num_nodes=self.num_items, reduce='sum')
         keep = weight > 0
@@ -574,7 +634,7 @@ class CRANE(Recommender):
     def _feature(self, m: int) -> Tensor:
         return getattr(self, f'feature_{m}')
 
-    def _encode_items(self, items: Optional[Tensor] = None) -> Tensor:
+    def encode_items(self, items: Optional[Tensor] = None) -> Tensor:
         r"""Item modality vectors :math:`\mathbf{x}_m(i)`: ``[I, M, d]``, or
         ``[len(items), M, d]`` for the item ids :obj:`items` only."""
         features = [self._feature(m) for m in range(self.num_modalities)]
@@ -582,62 +642,48 @@ class CRANE(Recommender):
             features = [x.index_select(0, items) for x in features]
         return torch.stack([enc(x) for x, enc in zip(features, self.encoders)], dim=1)
 
-    def _profiles(self, x_item: Tensor, users: Optional[Tensor]) -> Tensor:
-        r"""User modality vectors :math:`\mathbf{p}_m(u)` of :obj:`users` (all
-        when :obj:`None`): ``[U_b, M, d]``."""
-        if self.precompute_profiles:
-            mass = self.profile_mass if users is None else self.profile_mass.index_select(0, users)
-            out = []
-            for m, enc in enumerate(self.encoders):
-                agg = getattr(self, f'profile_feature_{m}')
-                if users is not None:
-                    agg = agg.index_select(0, users)
-                out.append(torch.addmm(mass.unsqueeze(-1) * enc.bias, agg, enc.weight.t()))
-            return torch.stack(out, dim=1)
-        profiles = self.profile_agg(x_item, self.edge_index, self.num_users)
-        return profiles if users is None else profiles.index_select(0, users)
-
     def semantic(self, users: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         r"""The semantic view :math:`(\mathbf{H}_{users}, \mathbf{H}_I)`:
         ``[U_b, d]`` for :obj:`users` (all users when :obj:`None`) and
         ``[I, d]`` for all items."""
-        x_item = self._encode_items()
-        z_item, z_user = self._semantic_codes(x_item, users)
-        h_item = self._smooth_items(z_item) if self._propagate_items else z_item
+        x_item = self.encode_items()
+        z_item, z_user = self.semantic_codes(x_item, users)
+        h_item = self.smooth_items(z_item) if self.propagate_items else z_item
         item_mean = None
-        if self._needs_item_mean:
-            item_mean = self.item_mean(h_item, self.edge_index, self.num_users)
+        if self.needs_item_mean:
+            item_mean = self.item_mean((h_item, None), self.item_user_index,
+                                       size=(self.num_items, self.num_users))
             if users is not None:
                 item_mean = item_mean.index_select(0, users)
-        return self._semantic_output(z_user, item_mean, h_item)
+        return self.semantic_output(z_user, item_mean, h_item)
 
-    def _semantic_codes(self, x_item: Tensor, users: Optional[Tensor],
+    def semantic_codes(self, x_item: Tensor, users: Optional[Tensor],
                         profiles: Optional[Tensor] = None
                         ) -> Tuple[Tensor, Optional[Tensor]]:
         r"""RCA of the item rows :obj:`x_item` ``[N, M, d]`` and, where the user
         view needs it, :math:`\mathbf{z}_u` of :obj:`users` (all when
         :obj:`None`): ``(z_item, z_user or None)``. With profiles, users and
         items go through RCA in one call; :obj:`profiles` (``[U_b, M, d]``)
-        is computed by :meth:`_profiles` when not given."""
-        if self._needs_z_user and self.use_profiles:
+        is computed by :attr:`profiles` when not given."""
+        if self.needs_z_user and self.use_profiles:
             if profiles is None:
-                profiles = self._profiles(x_item, users)
+                profiles = self.profiles(x_item, users, self.encoders)
             num_items = x_item.size(0)
             z = self.rca(torch.cat([x_item, profiles], dim=0))
             return z[:num_items], z[num_items:]
         z_item = self.rca(x_item)
-        if not self._needs_z_user:
+        if not self.needs_z_user:
             return z_item, None
         return z_item, (self.user_semantic_embedding.weight if users is None
                         else self.user_semantic_embedding(users))
 
-    def _smooth_items(self, h: Tensor) -> Tensor:
+    def smooth_items(self, h: Tensor) -> Tensor:
         r""":math:`\hat{\mathbf{S}}^{L_{ii}} \mathbf{h}` over the model's item graph."""
         for _ in range(self.num_ii_layers):
             h = self.item_conv(h, self.item_adj_index, self.item_adj_weight)
         return h
 
-    def _semantic_output(self, z_user: Optional[Tensor], item_mean: Optional[Tensor],
+    def semantic_output(self, z_user: Optional[Tensor], item_mean: Optional[Tensor],
                          h_item: Tensor) -> Tuple[Tensor, Tensor]:
         r"""The semantic view from its pieces: :math:`\mathbf{h}_u` from
         :math:`\mathbf{z}_u` and/or the item mean (``user_semantic``), then
@@ -662,7 +708,7 @@ class CRANE(Recommender):
             return scale[0], scale[1]
         return self.semantic_scale, self.semantic_scale
 
-    def _ui_graph(self, train_graph: bool) -> Tuple[LayerCombination, Tensor]:
+    def ui_graph(self, train_graph: bool) -> Tuple[LayerCombination, Tensor]:
         r"""``(encoder, edge_index)`` of the behavioural view: the epoch's
         pruned graph when :obj:`train_graph` and ``edge_dropout > 0``, else
         the full training graph."""
@@ -674,11 +720,11 @@ class CRANE(Recommender):
         r"""The behavioural view :math:`(\mathbf{E}^{cf}_U, \mathbf{E}^{cf}_I)`
         on the full graph, or on the epoch's pruned graph when
         :obj:`train_graph` and ``edge_dropout > 0``."""
-        encoder, edge_index = self._ui_graph(train_graph)
+        encoder, edge_index = self.ui_graph(train_graph)
         e_user, e_item = encoder((self.user_embedding.weight, self.item_embedding.weight),
                                  edge_index)
         if self.id_item_graph:
-            e_item = e_item + self._smooth_items(self.item_embedding.weight)
+            e_item = e_item + self.smooth_items(self.item_embedding.weight)
         return e_user, e_item
 
     def _fuse(self, cf: Tensor, sem: Tensor) -> Tensor:
@@ -709,7 +755,7 @@ class CRANE(Recommender):
 
     def loss(self, users: Tensor, pos_items: Tensor,
              neg_items: Tensor) -> Tuple[Tensor, Dict[str, float]]:
-        self._check_batch(users, pos_items, neg_items)
+        self.check_batch(users, pos_items, neg_items)
         batch_users, user_pos = torch.unique(users, return_inverse=True)
         e_user, e_item = self.behavioural(train_graph=self.training)
         h_user, h_item = self.semantic(batch_users)  # h_user: [U_b, d]
@@ -721,7 +767,7 @@ class CRANE(Recommender):
         # several threads accumulate repeated indices).
         batch_items = pos_items[:0]
         if self.lambda_cl > 0:
-            batch_items, = self._cl_subset(torch.unique(pos_items))
+            batch_items, = self.cl_subset(torch.unique(pos_items))
         rows = torch.cat([pos_items, neg_items, batch_items])
         e_rows, h_rows = e_item.index_select(0, rows), h_item.index_select(0, rows)
         return self.objective(users, pos_items, neg_items, user_pos, e_user, h_user,
@@ -733,7 +779,7 @@ class CRANE(Recommender):
         r"""BPR + :math:`\lambda_{cl}` InfoNCE + :math:`\lambda_{reg}` L2 from
         the two views of the batch's nodes, however they were computed (on the
         full graph by :meth:`loss`, on a sampled subgraph by
-        :class:`~crane_pyg.train.MiniBatchCRANE`).
+        :class:`~crane_pyg.models.MiniBatchCRANE`).
 
         Args:
             users, pos_items, neg_items (Tensor): the batch, ``[B]`` each.
@@ -743,7 +789,7 @@ class CRANE(Recommender):
             e_rows, h_rows (Tensor): ``[2B + C, d]`` both views of the rows
                 ``cat([pos_items, neg_items, cl_items])``, where ``cl_items``
                 are the unique positives drawn for the contrastive term
-                (:meth:`_cl_subset`; empty when ``lambda_cl == 0``).
+                (:meth:`cl_subset`; empty when ``lambda_cl == 0``).
         """
         size = pos_items.numel()
         u = self._fuse(e_user, h_user).index_select(0, user_pos)
@@ -763,7 +809,7 @@ class CRANE(Recommender):
             parts['view_bpr'] = view_bpr.item()
 
         if self.lambda_cl > 0:
-            e_cl, h_cl = self._cl_subset(e_user, h_user)
+            e_cl, h_cl = self.cl_subset(e_user, h_user)
             e_cl_items = e_rows[2 * size:]
             if self.cl_target == 'semantic':  # the ID view is the fixed target
                 e_cl, e_cl_items = e_cl.detach(), e_cl_items.detach()
@@ -787,7 +833,7 @@ class CRANE(Recommender):
             parts['content_reg'] = creg.item()
         return total, parts
 
-    def _cl_subset(self, *rows: Tensor) -> Tuple[Tensor, ...]:
+    def cl_subset(self, *rows: Tensor) -> Tuple[Tensor, ...]:
         r"""At most ``cl_max_nodes`` rows of the row-aligned tensors
         :obj:`rows`, the same rows of each, drawn uniformly (all of them,
         unchanged, when there are no more)."""

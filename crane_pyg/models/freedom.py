@@ -147,8 +147,7 @@ class FREEDOM(Recommender):
         self.register_buffer('train_edge_index', edge_index, persistent=False)
         self._pruned_epoch: Optional[int] = None
 
-        # ItemKNNGraph stores S[i, j] as the edge (j, i); ItemItemConv reads
-        # index[0] as the receiving row: `item_adjacency` flips once here.
+        # ItemKNNGraph's source -> target order, as ItemItemConv reads it
         adj_index, adj_weight = item_adjacency(features, item_edge_index, item_edge_weight,
                                                knn_k, modality_weights, num_items, name)
         self.register_buffer('item_adj_index', adj_index, persistent=False)
@@ -234,7 +233,7 @@ class FREEDOM(Recommender):
 
     def loss(self, users: Tensor, pos_items: Tensor,
              neg_items: Tensor) -> Tuple[Tensor, Dict[str, float]]:
-        self._check_batch(users, pos_items, neg_items)
+        self.check_batch(users, pos_items, neg_items)
         u_g, i_g, h = self._forward(train_graph=self.training)
         u = u_g.index_select(0, users)
         item = i_g + h

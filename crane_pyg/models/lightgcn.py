@@ -100,7 +100,7 @@ class LightGCN(Recommender):
 
     def loss(self, users: Tensor, pos_items: Tensor,
              neg_items: Tensor) -> Tuple[Tensor, Dict[str, float]]:
-        self._check_batch(users, pos_items, neg_items)
+        self.check_batch(users, pos_items, neg_items)
         user_emb, item_emb = self.embeddings()
         u = user_emb.index_select(0, users)
         pos, neg = item_emb.index_select(0, pos_items), item_emb.index_select(0, neg_items)

@@ -131,7 +131,7 @@ class VBPR(Recommender):
 
     def loss(self, users: Tensor, pos_items: Tensor,
              neg_items: Tensor) -> Tuple[Tensor, Dict[str, float]]:
-        self._check_batch(users, pos_items, neg_items)
+        self.check_batch(users, pos_items, neg_items)
         u = self.user_embedding(users)
         p, n = self._items(pos_items), self._items(neg_items)
         bpr = self.bpr((u * p).sum(-1), (u * n).sum(-1))

@@ -1,8 +1,15 @@
 r"""Parameter-free propagation layers for the dual graph of CRANE.
 
-* :class:`UserItemConv`: one LightGCN step on the bipartite user-item graph;
+* :class:`UserItemConv`: one LightGCN step on a (bipartite) graph;
 * :class:`ItemItemConv`: one weighted step on a homogeneous (item-item) graph;
-* :class:`LayerCombination`: :math:`L` steps of either, combined over layers.
+* :class:`LayerCombination`: :math:`L` steps of either, combined over layers
+  (both directions of the user-item graph).
+
+One convention, PyG's: messages flow from ``edge_index[0]`` to
+``edge_index[1]`` (``flow='source_to_target'``), a sparse matrix is PyG's
+``adj_t`` (rows receive), and a bipartite layer takes ``(x_src, x_dst)`` and
+returns the target side, so the layers compose in
+:class:`~torch_geometric.nn.HeteroConv` and :func:`~torch_geometric.nn.to_hetero`.
 
 Every layer is a :class:`~torch_geometric.nn.conv.MessagePassing` with both an
 edge-level path (:meth:`message` + :meth:`aggregate`, used by the
@@ -23,18 +30,25 @@ import torch
 from torch import Tensor
 
 from torch_geometric.nn.conv import MessagePassing
-from torch_geometric.utils import spmm
+from torch_geometric.typing import PairTensor
+from torch_geometric.utils import is_sparse, spmm, to_edge_index
 
 from crane_pyg.nn.backend import (
     Adjacency,
     EdgeIndex,
+    _check_edge_index,
+    _check_edge_weight,
+    _check_index_range,
     edge_scatter,
     gcn_norm_bipartite,
     resolve_backend,
     sym_norm,
 )
 
-GraphInput = Union[Tensor, Adjacency]
+#: what the layers accept as a graph: PyG's ``Adj`` (an ``edge_index`` tensor,
+#: an ``EdgeIndex``, a ``SparseTensor`` or a ``torch.sparse`` matrix) or a
+#: prebuilt :class:`~crane_pyg.nn.backend.Adjacency`
+GraphInput = Any
 
 
 def _check_nodes(x: Tensor, name: str, min_dim: int = 1) -> None:
@@ -174,46 +188,143 @@ def _remove_rendered_templates(pid: int = os.getpid()) -> None:
 atexit.register(_remove_rendered_templates)
 
 
-class UserItemConv(_AdjacencyPropagation):
-    r"""One LightGCN propagation step on the bipartite user-item graph
-    (He et al., `"LightGCN" <https://arxiv.org/abs/2002.02126>`_):
+def _edges(edge_index: GraphInput, edge_weight: Optional[Tensor]
+           ) -> Tuple[Tensor, Optional[Tensor]]:
+    r"""``(edge_index, edge_weight)`` in PyG's source-to-target order from any
+    of PyG's adjacency types: an ``edge_index`` tensor or
+    :class:`~torch_geometric.EdgeIndex` ``[2, E]`` (row 0 sends, row 1
+    receives), or a :class:`torch_sparse.SparseTensor` / ``torch.sparse``
+    matrix in PyG's ``adj_t`` form (rows receive, columns send; its values,
+    if any, are the weights)."""
+    if is_sparse(edge_index):
+        if edge_weight is not None:
+            raise ValueError('edge_weight must be None for a sparse adjacency '
+                             '(its values are the weights)')
+        if isinstance(edge_index, Tensor):  # torch.sparse
+            (row, col), value = to_edge_index(edge_index)
+        else:  # SparseTensor
+            row, col, value = edge_index.coo()
+        return torch.stack([col, row]), value  # rows of adj_t receive
+    if not isinstance(edge_index, Tensor):
+        raise TypeError(f"edge_index must be a Tensor, EdgeIndex, SparseTensor or "
+                        f"torch.sparse tensor, got {type(edge_index).__name__}")
+    if EdgeIndex is not None and isinstance(edge_index, EdgeIndex):
+        edge_index = edge_index.as_tensor()
+    return edge_index, edge_weight
+
+
+def _pair(x: Union[Tensor, PairTensor, Tuple[Tensor, Optional[Tensor]]],
+          size: Optional[Tuple[int, int]], name: str) -> Tuple[Tensor, int]:
+    r"""``(x_src, num_dst)`` of a layer input ``x`` (a tensor, or a pair
+    ``(x_src, x_dst)`` whose ``x_dst`` only gives the number of targets and
+    may be :obj:`None` when ``size = (num_src, num_dst)`` is given)."""
+    if isinstance(x, Tensor):
+        x_src, x_dst = x, x
+    elif isinstance(x, (tuple, list)) and len(x) == 2:
+        x_src, x_dst = x
+    else:
+        raise TypeError(f"{name}: x must be a tensor or a pair (x_src, x_dst), "
+                        f"got {type(x).__name__}")
+    _check_nodes(x_src, f'{name}: x_src')
+    if size is not None and size[1] is not None:
+        num_dst = int(size[1])
+    elif x_dst is not None:
+        num_dst = x_dst.size(0)
+    else:
+        raise ValueError(f"{name}: give x_dst or size=(num_src, num_dst) for the "
+                         f"number of target nodes")
+    return x_src, num_dst
+
+
+class _BipartitePropagation(_AdjacencyPropagation):
+    r"""Base of the layers below: ``forward(x, edge_index, edge_weight,
+    size)`` with ``x`` a tensor or ``(x_src, x_dst)``, messages flowing from
+    ``edge_index[0]`` to ``edge_index[1]``; the output is the target side.
+    Subclasses give :meth:`normalized_weight`."""
+    NODE_NAMES = ('source nodes', 'target nodes')  # for error messages
+
+    def normalized_weight(self, edge_index: Tensor, edge_weight: Optional[Tensor],
+                          num_src: int, num_dst: int) -> Optional[Tensor]:
+        raise NotImplementedError
+
+    def adjacency(self, edge_index: GraphInput, num_src: int, num_dst: int,
+                  edge_weight: Optional[Tensor] = None) -> Adjacency:
+        r"""The normalised :math:`\hat{\mathbf{A}}` (``[num_dst, num_src]``,
+        rows receive) this layer propagates with, taken from / stored in the
+        cache when ``cached=True``. An
+        :class:`~crane_pyg.nn.backend.Adjacency` is used as given."""
+        if isinstance(edge_index, Adjacency):
+            return edge_index
+        edge_index, edge_weight = _edges(edge_index, edge_weight)
+        _check_edge_index(edge_index)
+        _check_edge_weight(edge_weight, edge_index.size(1))
+
+        def build() -> Adjacency:
+            _check_index_range(edge_index, num_src, num_dst, *self.NODE_NAMES)
+            weight = self.normalized_weight(edge_index, edge_weight, num_src, num_dst)
+            adj = Adjacency.from_edge_index(edge_index.flip(0), weight,
+                                            size=(num_dst, num_src), backend=self.backend)
+            if self.cached:
+                adj.t()  # the reverse direction, built once, too
+            return adj
+
+        key = (int(num_src), int(num_dst), int(edge_index.size(1)))
+        return self._from_cache(key, edge_weight, edge_index.device, build)
+
+    def forward(self, x: Union[Tensor, PairTensor], edge_index: GraphInput,
+                edge_weight: Optional[Tensor] = None,
+                size: Optional[Tuple[int, int]] = None) -> Tensor:
+        name = self.__class__.__name__
+        x_src, num_dst = _pair(x, size, name)
+        adj = self.adjacency(edge_index, x_src.size(0), num_dst, edge_weight)
+        if adj.size != (num_dst, x_src.size(0)):
+            raise ValueError(f"{name}: the adjacency is {adj.size} (targets x sources) "
+                             f"but the input has {x_src.size(0)} source and {num_dst} "
+                             f"target nodes")
+        return self._propagate_adj(adj, x_src)
+
+
+class UserItemConv(_BipartitePropagation):
+    r"""One LightGCN step (He et al., `"LightGCN"
+    <https://arxiv.org/abs/2002.02126>`_) from source to target nodes of a
+    (bipartite) graph, e.g. users :math:`\to` items:
 
     .. math::
-        \mathbf{e}_u' = \sum_{i \in \mathcal{N}(u)}
-            \frac{1}{\sqrt{|\mathcal{N}(u)|\,|\mathcal{N}(i)|}} \mathbf{e}_i,
-        \qquad
-        \mathbf{e}_i' = \sum_{u \in \mathcal{N}(i)}
-            \frac{1}{\sqrt{|\mathcal{N}(u)|\,|\mathcal{N}(i)|}} \mathbf{e}_u,
+        \mathbf{x}_i' = \sum_{u \in \mathcal{N}(i)}
+            \frac{w_{ui}}{\sqrt{d_u \, d_i}} \mathbf{x}_u,
+        \qquad d_u = \sum_{i'} w_{ui'}, \quad d_i = \sum_{u'} w_{u'i},
 
-    i.e. :math:`\mathbf{E}' = \mathbf{D}^{-1/2}\mathbf{A}\mathbf{D}^{-1/2}
-    \mathbf{E}` with the symmetric :math:`(U+I) \times (U+I)` adjacency
-    :math:`\mathbf{A} = \begin{bmatrix} \mathbf{0} & \mathbf{R} \\
-    \mathbf{R}^\top & \mathbf{0} \end{bmatrix}`, computed as two sparse
-    products with :math:`\hat{\mathbf{R}}` (``[U, I]``) and its transpose,
-    without building the :math:`(U+I)`-node graph. With edge weights
-    :math:`w_{ui}`, :math:`\hat{R}_{ui} = w_{ui} / \sqrt{d_u d_i}` with
-    weighted degrees (:func:`~crane_pyg.nn.backend.gcn_norm_bipartite`).
-    With ``normalize=False`` :math:`\hat{R}_{ui} = w_{ui}` (1 by default).
-    Isolated users/items get zero output.
+    with :math:`w_{ui} = 1` without edge weights (so :math:`d` are the
+    degrees) and :math:`\hat{w}_{ui} = w_{ui}` with ``normalize=False``.
+    Messages flow from ``edge_index[0]`` to ``edge_index[1]``, as in PyG's
+    ``MessagePassing(flow='source_to_target')``; the output is the target
+    side, so the layer composes in :class:`~torch_geometric.nn.HeteroConv`
+    (one instance per edge type, e.g. ``('user', 'interacts', 'item')`` and
+    ``('item', 'rev_interacts', 'user')``) and equals PyG's
+    :class:`~torch_geometric.nn.conv.LGConv` on the homogeneous graph. Both
+    directions of the symmetric :math:`(U+I) \times (U+I)` LightGCN step are
+    :class:`LayerCombination`'s job (it reuses one cached adjacency and its
+    transpose). Isolated targets get zero output.
 
     Args:
         normalize (bool): apply the symmetric normalisation. (default: True)
-        cached (bool): build the normalised adjacency (both directions) on
-            the first call and reuse it; call :meth:`reset_cache` when the
-            graph changes. A call with a graph of different shape (number of
-            users, items or edges) raises. (default: False)
+        cached (bool): build the normalised adjacency on the first call and
+            reuse it (as PyG's ``gcn_norm``-based layers do); call
+            :meth:`reset_cache` when the graph changes. A call with a graph of
+            another shape (number of sources, targets or edges) raises.
+            (default: False)
         backend (str): sparse backend, see
             :func:`~crane_pyg.nn.backend.resolve_backend`. (default: 'auto')
 
     Shapes:
-        - **input:** ``x_user`` :math:`(U, *)`, ``x_item`` :math:`(I, *)`
-          (same trailing shape), ``edge_index`` :math:`(2, E)` with row 0
-          user ids and row 1 item ids, or a prebuilt
-          :class:`~crane_pyg.nn.backend.Adjacency` of size :math:`(U, I)`
-          (used as given: no normalisation, no caching), ``edge_weight``
-          :math:`(E)` (optional);
-        - **output:** ``(out_user`` :math:`(U, *)`, ``out_item``
-          :math:`(I, *)`\ ``)``.
+        - **input:** ``x`` :math:`(N, *)` or ``(x_src, x_dst)``
+          :math:`((N_s, *), (N_t, *))` (``x_dst`` only gives :math:`N_t`; it
+          may be :obj:`None` when ``size`` is given), ``edge_index``
+          :math:`(2, E)` / :class:`~torch_geometric.EdgeIndex`, or a
+          ``SparseTensor`` / ``torch.sparse`` ``adj_t`` of size
+          :math:`(N_t, N_s)`, ``edge_weight`` :math:`(E)` (optional),
+          ``size`` :math:`(N_s, N_t)` (optional);
+        - **output:** :math:`(N_t, *)`.
 
     Cost: :math:`O(E F)` time per call (:math:`F` = features per node),
     :math:`O(E)` extra memory for the adjacency.
@@ -224,80 +335,54 @@ class UserItemConv(_AdjacencyPropagation):
         super().__init__(cached=cached, backend=backend, **kwargs)
         self.normalize = bool(normalize)
 
-    def adjacency(self, edge_index: GraphInput, num_users: int, num_items: int,
-                  edge_weight: Optional[Tensor] = None) -> Adjacency:
-        r"""The (normalised) ``[U, I]`` adjacency :math:`\hat{\mathbf{R}}` this
-        layer propagates with (its transpose is ``.t()``); taken from / stored
-        in the cache when ``cached=True``."""
-        if isinstance(edge_index, Adjacency):
-            return edge_index
-
-        def build() -> Adjacency:
-            weight = edge_weight
-            if self.normalize:
-                weight = gcn_norm_bipartite(edge_index, num_users, num_items, edge_weight)
-            adj = Adjacency.from_edge_index(edge_index, weight, size=(num_users, num_items),
-                                            backend=self.backend)
-            if self.cached:
-                adj.t()  # build the item <- user direction once, too
-            return adj
-
-        key = (int(num_users), int(num_items), int(edge_index.size(-1)))
-        return self._from_cache(key, edge_weight, edge_index.device, build)
-
-    def forward(self, x_user: Tensor, x_item: Tensor, edge_index: GraphInput,
-                edge_weight: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        _check_nodes(x_user, 'x_user')
-        _check_nodes(x_item, 'x_item')
-        num_users, num_items = x_user.size(0), x_item.size(0)
-        adj = self.adjacency(edge_index, num_users, num_items, edge_weight)
-        if adj.size != (num_users, num_items):
-            raise ValueError(f"UserItemConv: the adjacency has size {adj.size} but "
-                             f"x_user/x_item have {num_users}/{num_items} rows")
-        out_user = self._propagate_adj(adj, x_item)
-        out_item = self._propagate_adj(adj.t(), x_user)
-        return out_user, out_item
+    def normalized_weight(self, edge_index: Tensor, edge_weight: Optional[Tensor],
+                          num_src: int, num_dst: int) -> Optional[Tensor]:
+        if not self.normalize:
+            return edge_weight
+        return gcn_norm_bipartite(edge_index, num_src, num_dst, edge_weight)
 
     def __repr__(self) -> str:
         return (f'{self.__class__.__name__}(normalize={self.normalize}, '
                 f'cached={self.cached}, backend={self.backend!r})')
 
 
-class ItemItemConv(_AdjacencyPropagation):
-    r"""One weighted propagation step on a homogeneous graph (the item-item
-    semantic kNN graph of CRANE / FREEDOM):
+class ItemItemConv(_BipartitePropagation):
+    r"""One weighted propagation step on a homogeneous (item-item) graph, the
+    semantic kNN graph of CRANE / FREEDOM:
 
     .. math::
-        \mathbf{h}_i' = \sum_{(i, j) \in \mathcal{E}} w_{ij} \, \mathbf{h}_j,
-        \qquad \mathbf{H}' = \mathbf{S}\mathbf{H}, \quad S_{ij} = w_{ij}.
+        \mathbf{h}_i' = \sum_{j \in \mathcal{N}(i)} w_{ji} \, \mathbf{h}_j,
+        \qquad \mathbf{H}' = \hat{\mathbf{A}} \mathbf{H}, \quad
+        \hat{A}_{ij} = w_{ji},
 
-    **Direction:** a column ``(i, j)`` of ``edge_index`` is the entry
-    :math:`S_{ij}`: node ``edge_index[0]`` *receives* from node
-    ``edge_index[1]`` (the matrix convention of
-    :class:`~crane_pyg.nn.backend.Adjacency`, as in FREEDOM's kNN adjacency
-    where row :math:`i` holds the top-:math:`k` neighbours of item
-    :math:`i`). This is the reverse of PyG's ``source_to_target`` flow; it
-    makes no difference for a symmetric graph.
+    for every edge :math:`(j, i)` = ``(edge_index[0], edge_index[1])``:
+    messages flow from source to target, as in PyG's
+    ``MessagePassing(flow='source_to_target')`` and as
+    :class:`~crane_pyg.transforms.ItemKNNGraph` writes the graph, so
+    ``ItemItemConv()(x, *ItemKNNGraph()(data)['item', 'similar', 'item']
+    [edge_index, edge_weight])`` is FREEDOM's :math:`\hat{\mathbf{S}}
+    \mathbf{x}` (and equals PyG's
+    :class:`~torch_geometric.nn.conv.SimpleConv`).
 
-    The kNN graph of :class:`crane_pyg.transforms.ItemKNNGraph` is already
+    The kNN graph of :class:`~crane_pyg.transforms.ItemKNNGraph` is already
     normalised, hence ``normalize=False`` by default; ``normalize=True``
-    replaces the weights by :math:`\mathbf{D}^{-1/2}\mathbf{S}\mathbf{D}^{-1/2}`
-    with row sums :math:`\mathbf{D}` (:func:`~crane_pyg.nn.backend.sym_norm`).
+    uses :math:`w_{ji} / \sqrt{d_i d_j}` with the in-degrees
+    :math:`d_i = \sum_j w_{ji}` (PyG's ``gcn_norm`` without self-loops).
 
     Args:
-        normalize (bool): apply :func:`sym_norm`. (default: False)
+        normalize (bool): apply the symmetric normalisation. (default: False)
         cached (bool): reuse the adjacency built on the first call until
             :meth:`reset_cache` (see :class:`UserItemConv`). (default: False)
         backend (str): sparse backend. (default: 'auto')
 
     Shapes:
-        - **input:** ``x`` :math:`(N, *)`, ``edge_index`` :math:`(2, nnz)` or an
-          :class:`~crane_pyg.nn.backend.Adjacency` of size :math:`(N, N)`
-          (used as given), ``edge_weight`` :math:`(nnz)` (optional, 1 if
-          absent);
+        - **input:** ``x`` :math:`(N, *)`, ``edge_index`` :math:`(2, E)` /
+          :class:`~torch_geometric.EdgeIndex`, or a ``SparseTensor`` /
+          ``torch.sparse`` ``adj_t`` :math:`(N, N)`, ``edge_weight``
+          :math:`(E)` (optional, 1 if absent);
         - **output:** :math:`(N, *)`.
 
-    Cost: :math:`O(nnz \cdot F)` per call, :math:`O(k I F)` for a kNN graph.
+    Cost: :math:`O(E F)` per call, :math:`O(k I F)` for a kNN graph.
     """
 
     def __init__(self, normalize: bool = False, cached: bool = False,
@@ -305,31 +390,11 @@ class ItemItemConv(_AdjacencyPropagation):
         super().__init__(cached=cached, backend=backend, **kwargs)
         self.normalize = bool(normalize)
 
-    def adjacency(self, edge_index: GraphInput, num_nodes: int,
-                  edge_weight: Optional[Tensor] = None) -> Adjacency:
-        r"""The ``[N, N]`` adjacency :math:`\mathbf{S}` this layer propagates
-        with; taken from / stored in the cache when ``cached=True``."""
-        if isinstance(edge_index, Adjacency):
-            return edge_index
-
-        def build() -> Adjacency:
-            weight = edge_weight
-            if self.normalize:
-                weight = sym_norm(edge_index, edge_weight, num_nodes)
-            return Adjacency.from_edge_index(edge_index, weight, size=(num_nodes, num_nodes),
-                                             backend=self.backend)
-
-        key = (int(num_nodes), int(edge_index.size(-1)))
-        return self._from_cache(key, edge_weight, edge_index.device, build)
-
-    def forward(self, x: Tensor, edge_index: GraphInput,
-                edge_weight: Optional[Tensor] = None) -> Tensor:
-        _check_nodes(x, 'x')
-        adj = self.adjacency(edge_index, x.size(0), edge_weight)
-        if adj.size != (x.size(0), x.size(0)):
-            raise ValueError(f"ItemItemConv: the adjacency has size {adj.size} but x "
-                             f"has {x.size(0)} rows")
-        return self._propagate_adj(adj, x)
+    def normalized_weight(self, edge_index: Tensor, edge_weight: Optional[Tensor],
+                          num_src: int, num_dst: int) -> Optional[Tensor]:
+        if not self.normalize:
+            return edge_weight
+        return sym_norm(edge_index.flip(0), edge_weight, num_dst)
 
     def __repr__(self) -> str:
         return (f'{self.__class__.__name__}(normalize={self.normalize}, '
@@ -348,9 +413,12 @@ class LayerCombination(torch.nn.Module):
     the input) by default. The adjacency is built once per call (or taken
     from the conv's cache) and shared by the :math:`L` steps.
 
-    Works with :class:`UserItemConv` (``x`` is the pair
-    ``(x_user, x_item)`` and the output a pair) and :class:`ItemItemConv`
-    (``x`` a tensor).
+    Works with :class:`UserItemConv` on the user-item graph (``x`` is the
+    pair ``(x_user, x_item)``, ``edge_index`` the user :math:`\to` item
+    edges, and every step runs both directions, users :math:`\leftarrow`
+    items with the transposed adjacency: the output is the pair
+    ``(out_user, out_item)``) and with :class:`ItemItemConv` (``x`` a
+    tensor).
 
     Args:
         conv (UserItemConv or ItemItemConv): the step.
@@ -398,10 +466,12 @@ class LayerCombination(torch.nn.Module):
             x_user, x_item = x
             _check_nodes(x_user, 'x_user')
             _check_nodes(x_item, 'x_item')
+            # [I, U]: items receive from users; its transpose: users from items
             adj = self.conv.adjacency(edge_index, x_user.size(0), x_item.size(0), edge_weight)
             out_user, out_item = self.alpha[0] * x_user, self.alpha[0] * x_item
             for layer in range(1, self.num_layers + 1):
-                x_user, x_item = self.conv(x_user, x_item, adj)
+                x_user, x_item = (self.conv((x_item, x_user), adj.t()),
+                                  self.conv((x_user, x_item), adj))
                 out_user = out_user + self.alpha[layer] * x_user
                 out_item = out_item + self.alpha[layer] * x_item
             return out_user, out_item
@@ -409,7 +479,7 @@ class LayerCombination(torch.nn.Module):
         if not isinstance(x, Tensor):
             raise TypeError("LayerCombination(ItemItemConv) expects x to be a tensor")
         _check_nodes(x, 'x')
-        adj = self.conv.adjacency(edge_index, x.size(0), edge_weight)
+        adj = self.conv.adjacency(edge_index, x.size(0), x.size(0), edge_weight)
         out = self.alpha[0] * x
         for layer in range(1, self.num_layers + 1):
             x = self.conv(x, adj)

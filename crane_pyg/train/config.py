@@ -176,7 +176,7 @@ class TrainConfig:
             657 ms, 274 ms with flushing). The change of results is below
             float32 precision. (default: :obj:`True`)
         num_neighbors (list of int, optional): mini-batch mode
-            (:mod:`crane_pyg.train.minibatch`, CRANE and LightGCN; other
+            (:mod:`crane_pyg.models.minibatch`, CRANE and LightGCN; other
             models raise :class:`TypeError`): each step propagates over the
             batch's sampled user-item L-hop subgraph with this fan-out per hop
             (``-1``: all neighbours, exact), one entry per user-item layer

@@ -148,9 +148,9 @@ class Trainer:
             ``loss_module(users, pos, neg) -> (loss, parts)`` in training,
             sharing the model's parameters; default the model itself, or, when
             ``config.num_neighbors`` is set,
-            :func:`~crane_pyg.train.minibatch.minibatch_loss_module`'s
-            (:class:`~crane_pyg.train.minibatch.MiniBatchCRANE` for CRANE,
-            :class:`~crane_pyg.train.minibatch.MiniBatchLightGCN` for
+            :func:`~crane_pyg.models.minibatch.minibatch_loss_module`'s
+            (:class:`~crane_pyg.models.minibatch.MiniBatchCRANE` for CRANE,
+            :class:`~crane_pyg.models.minibatch.MiniBatchLightGCN` for
             LightGCN; :class:`TypeError` for the other models).
     """
 
@@ -243,7 +243,7 @@ class Trainer:
                           f'train.compile: {type(self.model).__name__} has no module to '
                           f'compile; running eagerly')
         if loss_module is None and config.num_neighbors is not None:
-            from .minibatch import minibatch_loss_module  # TypeError: not CRANE/LightGCN
+            from crane_pyg.models.minibatch import minibatch_loss_module  # TypeError: not CRANE/LightGCN
             loss_module = minibatch_loss_module(self.model, config.num_neighbors)
         #: the module called for the training loss (``model`` or ``loss_module``,
         #: wrapped in DDP when distributed)

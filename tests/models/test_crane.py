@@ -31,8 +31,8 @@ def _batch(data, size=64, seed=0):
 
 
 def _dense(index, weight, n):
-    """Dense matrix of a graph in the models' matrix orientation (row receives)."""
-    return to_dense_adj(index, edge_attr=weight, max_num_nodes=n)[0].double()
+    """Dense matrix (rows receive) of a graph stored source -> target, as PyG does."""
+    return to_dense_adj(index, edge_attr=weight, max_num_nodes=n)[0].t().double()
 
 
 def _mean_matrix(data):
@@ -114,10 +114,10 @@ def test_profiles_are_aggregated_encoded_features(knn_data, norm, precompute):
         du, di = r.sum(1, keepdim=True), r.sum(0, keepdim=True)
         a = r / (du.clamp_min(1).sqrt() * di.clamp_min(1).sqrt())
     with torch.no_grad():
-        x_item = model._encode_items()  # [I, M, d]
+        x_item = model.encode_items()  # [I, M, d]
         ref = torch.einsum('ui,imd->umd', a, x_item.double())
-        out = model._profiles(x_item, None)
-        sub = model._profiles(x_item, torch.tensor([3, 1, 3]))
+        out = model.profiles(x_item, None, model.encoders)
+        sub = model.profiles(x_item, torch.tensor([3, 1, 3]), model.encoders)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sub, out[[3, 1, 3]])
     for m, encoder in enumerate(model.encoders):
@@ -131,7 +131,7 @@ def test_users_without_items_get_zero_profiles(knn_data):
     for precompute in (True, False):
         model = _model(data, precompute_profiles=precompute).eval()
         with torch.no_grad():
-            p = model._profiles(model._encode_items(), torch.tensor([0, 1]))
+            p = model.profiles(model.encode_items(), torch.tensor([0, 1]), model.encoders)
             assert torch.all(p[0] == 0) and p[1].abs().sum() > 0
             assert torch.isfinite(model.embeddings()[0]).all()
 
@@ -144,16 +144,16 @@ def test_semantic_view(knn_data, mode, scale):
     mean, _ = _mean_matrix(knn_data)
     s = _dense(model.item_adj_index, model.item_adj_weight, model.num_items)
     with torch.no_grad():
-        x_item = model._encode_items()
+        x_item = model.encode_items()
         z_item = model.rca(x_item).double()
         z_user = (None if mode == 'items'
-                  else model.rca(model._profiles(x_item, None)).double())
+                  else model.rca(model.profiles(x_item, None, model.encoders)).double())
         h_user, h_item = model.semantic()
         users = torch.tensor([5, 2, 9])
         h_user_sub, h_item_again = model.semantic(users)
     ref_item = s @ (s @ z_item)
     if mode == 'items':
-        assert not hasattr(model, 'profile_mass')  # profiles are not computed
+        assert model.profiles is None  # profiles are not computed
         ref_user = mean @ ref_item
     else:
         ref_user = z_user if mode == 'profile' else 0.5 * (z_user + mean @ ref_item)
@@ -322,7 +322,7 @@ def test_use_rca_false_is_zero_recursions(knn_data):
     with torch.no_grad():
         for x, y in zip(a.embeddings(), b.embeddings()):
             torch.testing.assert_close(x, y)
-        x_item = a._encode_items()
+        x_item = a.encode_items()
         torch.testing.assert_close(a.rca(x_item), a.rca.lin_z(x_item.flatten(1)))
         full = _model(knn_data, num_recursions=2).eval()
         full.load_state_dict(a.state_dict(), strict=False)
@@ -349,7 +349,7 @@ def test_use_profiles_false_learns_user_semantic_ids(knn_data):
     model = _model(knn_data, use_profiles=False, user_semantic='profile',
                    semantic_scale=None).eval()
     assert model.user_semantic_embedding is not None
-    assert not hasattr(model, 'profile_mass')
+    assert model.profiles is None
     with torch.no_grad():
         h_user, _ = model.semantic()
     torch.testing.assert_close(h_user, model.user_semantic_embedding.weight)
@@ -363,7 +363,7 @@ def test_use_item_graph_false(synthetic_data):
     assert model.item_conv is None and not hasattr(model, 'item_adj_index')
     with torch.no_grad():
         _, h_item = model.semantic()
-        torch.testing.assert_close(h_item, model.rca(model._encode_items()))
+        torch.testing.assert_close(h_item, model.rca(model.encode_items()))
     with pytest.raises(ValueError, match='needs the item graph'):
         _model(synthetic_data, use_item_graph=False, graph_rebuild_every=2)
 
@@ -446,7 +446,7 @@ def test_graph_rebuild(knn_data):
         assert changed == (epoch in (2, 4)), epoch
         if epoch in (2, 4):
             with torch.no_grad():
-                z = model.eval().rca(model._encode_items())
+                z = model.eval().rca(model.encode_items())
             model.train()
             new_index, new_weight = knn_adjacency([z], 10)
             new = to_dense_adj(new_index, edge_attr=new_weight,

@@ -26,19 +26,26 @@ def dense_interactions(edge_index, num_users, num_items):
         (edge_index[0], edge_index[1]), torch.ones(edge_index.size(1)), accumulate=True)
 
 
+def agg(layer, x_item, edge_index, num_users, edge_weight=None):
+    """The profiles of num_users users from the user -> item edges (the layer
+    reads them item -> user, PyG's source-to-target order)."""
+    return layer((x_item, None), edge_index.flip(0), edge_weight,
+                 size=(x_item.size(0), num_users))
+
+
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_profile_hand_values(backend):
     # user 0 has items {0, 1}, user 1 has item {1}, user 2 has none
     edge_index = torch.tensor([[0, 0, 1], [0, 1, 1]])
     x_item = torch.tensor([[2.0, 0.0], [4.0, 8.0]])
-    mean = UserProfileAggregation('mean', backend=backend)(x_item, edge_index, num_users=3)
+    mean = agg(UserProfileAggregation('mean', backend=backend), x_item, edge_index, 3)
     torch.testing.assert_close(mean, torch.tensor([[3.0, 4.0], [4.0, 8.0], [0.0, 0.0]]))
-    sym = UserProfileAggregation('sym', backend=backend)(x_item, edge_index, num_users=3)
+    sym = agg(UserProfileAggregation('sym', backend=backend), x_item, edge_index, 3)
     # |N(u0)| = 2, |N(u1)| = 1, |N(i0)| = 1, |N(i1)| = 2
     expected = torch.tensor([[2 / math.sqrt(2) + 4 / 2, 8 / 2],
                              [4 / math.sqrt(2), 8 / math.sqrt(2)], [0.0, 0.0]])
     torch.testing.assert_close(sym, expected)
-    total = UserProfileAggregation('sum', backend=backend)(x_item, edge_index, num_users=3)
+    total = agg(UserProfileAggregation('sum', backend=backend), x_item, edge_index, 3)
     torch.testing.assert_close(total, torch.tensor([[6.0, 8.0], [4.0, 8.0], [0.0, 0.0]]))
 
 
@@ -48,7 +55,7 @@ def test_profile_matches_dense_reference(backend, normalize):
     num_users, num_items = 12, 9
     edge_index = random_bipartite(num_users, num_items)
     x_item = torch.randn(num_items, 3, 5)  # [I, M, d]: all modalities at once
-    out = UserProfileAggregation(normalize, backend=backend)(x_item, edge_index, num_users)
+    out = agg(UserProfileAggregation(normalize, backend=backend), x_item, edge_index, num_users)
     r = dense_interactions(edge_index, num_users, num_items)
     deg_u, deg_i = r.sum(1), r.sum(0)
     if normalize == 'mean':
@@ -65,8 +72,8 @@ def test_profile_matches_dense_reference(backend, normalize):
 def test_weighted_mean(backend):
     edge_index = torch.tensor([[0, 0], [0, 1]])
     x_item = torch.tensor([[1.0], [4.0]])
-    out = UserProfileAggregation('mean', backend=backend)(x_item, edge_index, 1,
-                                                          torch.tensor([3.0, 1.0]))
+    out = agg(UserProfileAggregation('mean', backend=backend), x_item, edge_index, 1,
+              torch.tensor([3.0, 1.0]))
     torch.testing.assert_close(out, torch.tensor([[(3 * 1.0 + 4.0) / 4]]))
 
 
@@ -82,7 +89,7 @@ def test_profile_backend_equivalence_with_gradients(backend, normalize, weight_g
 
     def run(name):
         x, w = x_item.clone().requires_grad_(), weight.clone().requires_grad_(weight_grad)
-        out = UserProfileAggregation(normalize, backend=name)(x, edge_index, num_users, w)
+        out = agg(UserProfileAggregation(normalize, backend=name), x, edge_index, num_users, w)
         (out * grad_out).sum().backward()
         return out, x.grad, *([w.grad] if weight_grad else [])
 
@@ -96,17 +103,17 @@ def test_profile_cache(backend):
     edge_index = random_bipartite(num_users, num_items)
     x_item = torch.randn(num_items, 4)
     layer = UserProfileAggregation(cached=True, backend=backend)
-    ref = UserProfileAggregation(backend=backend)(x_item, edge_index, num_users)
-    torch.testing.assert_close(layer(x_item, edge_index, num_users), ref)
+    ref = agg(UserProfileAggregation(backend=backend), x_item, edge_index, num_users)
+    torch.testing.assert_close(agg(layer, x_item, edge_index, num_users), ref)
     other = edge_index.flip(1)
     other[1] = (other[1] + 1) % num_items
-    torch.testing.assert_close(layer(x_item, other, num_users), ref)  # cached
+    torch.testing.assert_close(agg(layer, x_item, other, num_users), ref)  # cached
     layer.reset_cache()
     torch.testing.assert_close(
-        layer(x_item, other, num_users),
-        UserProfileAggregation(backend=backend)(x_item, other, num_users))
+        agg(layer, x_item, other, num_users),
+        agg(UserProfileAggregation(backend=backend), x_item, other, num_users))
     with pytest.raises(ValueError, match='reset_cache'):
-        layer(x_item, edge_index, num_users + 1)
+        agg(layer, x_item, edge_index, num_users + 1)
 
 
 def test_profile_errors_and_repr():
@@ -116,7 +123,11 @@ def test_profile_errors_and_repr():
     assert repr(layer) == \
         "UserProfileAggregation(normalize='mean', cached=False, backend='scatter')"
     edge_index = torch.tensor([[0, 3], [0, 1]])
-    with pytest.raises(ValueError, match=r"row 0 has index 3, out of range for 2 users"):
-        layer(torch.randn(2, 4), edge_index, num_users=2)
-    with pytest.raises(ValueError, match=r"row 1 has index 1, out of range for 1 items"):
-        layer(torch.randn(1, 4), edge_index, num_users=4)
+    with pytest.raises(ValueError, match=r"row 1 has index 3, out of range for 2 users"):
+        agg(layer, torch.randn(2, 4), edge_index, 2)
+    with pytest.raises(ValueError, match=r"row 0 has index 1, out of range for 1 items"):
+        agg(layer, torch.randn(1, 4), edge_index, 4)
+    # PyG's bipartite form: (x_item, x_user), x_user only gives the number of users
+    x_item, x_user = torch.randn(2, 4), torch.randn(4, 3)
+    torch.testing.assert_close(layer((x_item, x_user), edge_index.flip(0)),
+                               agg(layer, x_item, edge_index, 4))

@@ -115,6 +115,11 @@ from torch import Tensor, nn
 from torch_geometric.data import Data
 from torch_geometric.nn import LGConv
 
+from crane_pyg.models.base import check_bipartite_edge_index
+from crane_pyg.models.crane import CRANE
+from crane_pyg.models.lightgcn import LightGCN
+from crane_pyg.nn import ItemItemConv, gcn_norm_bipartite
+
 __all__ = ['UserItemSubgraphSampler', 'Subgraph', 'MiniBatchLightGCN', 'MiniBatchCRANE',
            'minibatch_loss_module']
 
@@ -140,7 +145,7 @@ class Subgraph:
 
 class UserItemSubgraphSampler:
     r"""Samples the :math:`L`-hop neighbourhood of users and items on the
-    user-item graph (see :mod:`crane_pyg.train.minibatch`).
+    user-item graph (see :mod:`crane_pyg.models.minibatch`).
 
     Args:
         edge_index (Tensor): ``[2, E]`` training interactions (row 0 users,
@@ -155,8 +160,6 @@ class UserItemSubgraphSampler:
                  num_neighbors: Sequence[int]) -> None:
         from torch_geometric.sampler import NeighborSampler
 
-        from crane_pyg.models.base import check_bipartite_edge_index
-        from crane_pyg.nn import gcn_norm_bipartite
 
         self.num_neighbors = [int(k) for k in num_neighbors]
         if any(k == 0 or k < -1 for k in self.num_neighbors):
@@ -243,7 +246,6 @@ class MiniBatchLightGCN(nn.Module):
 
     def __init__(self, model: nn.Module, num_neighbors: Sequence[int] | None = None) -> None:
         super().__init__()
-        from crane_pyg.models import LightGCN
         if not isinstance(model, LightGCN):
             raise TypeError(f'MiniBatchLightGCN supports LightGCN only, got '
                             f'{type(model).__name__} (use MiniBatchCRANE for CRANE, or '
@@ -274,7 +276,7 @@ class MiniBatchLightGCN(nn.Module):
         r"""LightGCN's BPR + L2 loss of the batch, embeddings from the sampled
         subgraph of the batch's users and items."""
         model = self.model
-        model._check_batch(users, pos_items, neg_items)
+        model.check_batch(users, pos_items, neg_items)
         U = model.num_users
         seeds, inverse = torch.unique(torch.cat([users, pos_items + U, neg_items + U]),
                                       return_inverse=True)
@@ -339,7 +341,7 @@ def _local_ids(nodes: Tensor, query: Tensor) -> Tensor:
 
 class MiniBatchCRANE(nn.Module):
     r"""Computes :class:`~crane_pyg.models.CRANE`'s training loss on sampled
-    subgraphs (see :mod:`crane_pyg.train.minibatch` for the math and the
+    subgraphs (see :mod:`crane_pyg.models.minibatch` for the math and the
     cost): the behavioural view on the batch's sampled user-item subgraph,
     the semantic view on the batch's items and their :math:`L_{ii}`-hop
     item-item neighbourhood only. Calling it, ``module(users, pos_items,
@@ -377,8 +379,6 @@ class MiniBatchCRANE(nn.Module):
     def __init__(self, model: nn.Module, num_neighbors: Sequence[int] | None = None,
                  item_mean_fanout: int | None = None) -> None:
         super().__init__()
-        from crane_pyg.models import CRANE
-        from crane_pyg.nn import ItemItemConv
         if not isinstance(model, CRANE):
             raise TypeError(f'MiniBatchCRANE supports CRANE only, got '
                             f'{type(model).__name__} (use MiniBatchLightGCN for LightGCN, '
@@ -396,7 +396,7 @@ class MiniBatchCRANE(nn.Module):
         self.item_mean_fanout = _check_fanout(item_mean_fanout, 'item_mean_fanout')
         self.conv = LGConv(normalize=False)
         self.item_conv = (ItemItemConv(cached=False, backend=model.item_conv.backend)
-                          if model._propagate_items else None)
+                          if model.propagate_items else None)
         # caches keyed on the graph tensors they were built from
         self._samplers: Dict[str, Tuple[Tensor, UserItemSubgraphSampler]] = {}
         self._item_graph: Tuple[Any, ...] | None = None
@@ -411,7 +411,7 @@ class MiniBatchCRANE(nn.Module):
     def sampler(self) -> UserItemSubgraphSampler:
         r"""The user-item sampler of the graph the model currently trains on."""
         model = self.model
-        graph = model._ui_graph(model.training)[1]
+        graph = model.ui_graph(model.training)[1]
         key = 'full' if graph is model.edge_index else 'train'
         cached = self._samplers.get(key)
         if cached is None or cached[0] is not graph:
@@ -422,13 +422,13 @@ class MiniBatchCRANE(nn.Module):
 
     def _item_csr(self) -> Tuple[Tensor, Tensor, Tensor]:
         r"""``(rowptr [I + 1], source [nnz], weight [nnz])`` of the model's
-        item-item graph, rows = receiving items."""
+        item-item graph, rows = receiving items (``item_adj_index[1]``)."""
         model = self.model
         index, weight = model.item_adj_index, model.item_adj_weight
         key = (index, index._version, weight, weight._version)
         if self._item_graph is None or not _same_key(self._item_graph[0], key):
-            rowptr, perm = _csr(index[0], model.num_items)
-            self._item_graph = (key, rowptr, index[1].index_select(0, perm),
+            rowptr, perm = _csr(index[1], model.num_items)
+            self._item_graph = (key, rowptr, index[0].index_select(0, perm),
                                 weight.index_select(0, perm))
         return self._item_graph[1:]
 
@@ -460,7 +460,7 @@ class MiniBatchCRANE(nn.Module):
         node ids ``seeds`` (users :math:`u`, items :math:`U + i`), on their
         sampled subgraph of the graph the model trains on."""
         model = self.model
-        alpha = model._ui_graph(model.training)[0].alpha
+        alpha = model.ui_graph(model.training)[0].alpha
         sub = self.sampler.sample(seeds)
         layers = _subgraph_layers(sub, self.conv, model.num_ui_layers, model)
         alpha = alpha.to(layers[0].dtype)
@@ -475,8 +475,8 @@ class MiniBatchCRANE(nn.Module):
         ids) needs: ``(nodes, edge_index, edge_weight)`` with ``nodes`` the
         global ids of :math:`S_{L_{ii}}` (``seeds`` first, in their order),
         and the item-item edges of the receivers in :math:`S_{L_{ii} - 1}` in
-        local ids, matrix orientation (``edge_index[0]`` receives from
-        ``edge_index[1]``, as :class:`~crane_pyg.nn.ItemItemConv`)."""
+        local ids, source to target (``edge_index[1]`` receives from
+        ``edge_index[0]``, as :class:`~crane_pyg.nn.ItemItemConv`)."""
         device = seeds.device
         if self.item_conv is None:
             empty = torch.empty(2, 0, dtype=torch.long, device=device)
@@ -491,8 +491,8 @@ class MiniBatchCRANE(nn.Module):
             new = new[~torch.isin(new, nodes)]
             nodes, frontier = torch.cat([nodes, new]), new
         pos = torch.cat(positions)
-        edge_index = torch.stack([_local_ids(nodes, torch.cat(receivers)),
-                                  _local_ids(nodes, source.index_select(0, pos))])
+        edge_index = torch.stack([_local_ids(nodes, source.index_select(0, pos)),
+                                  _local_ids(nodes, torch.cat(receivers))])
         return nodes, edge_index, weight.index_select(0, pos)
 
     def smoothed_item_ids(self, items: Tensor) -> Tensor:
@@ -502,7 +502,8 @@ class MiniBatchCRANE(nn.Module):
         model = self.model
         nodes, edge_index, edge_weight = self.item_closure(items)
         h = model.item_embedding(nodes)
-        adj = self.item_conv.adjacency(edge_index, nodes.numel(), edge_weight.to(h.dtype))
+        adj = self.item_conv.adjacency(edge_index, nodes.numel(), nodes.numel(),
+                                         edge_weight.to(h.dtype))
         for _ in range(model.num_ii_layers):
             h = self.item_conv(h, adj)
         return h[:items.numel()]
@@ -517,7 +518,7 @@ class MiniBatchCRANE(nn.Module):
         model = self.model
         num_items = items.numel()
         seeds = items
-        if model._needs_item_mean:
+        if model.needs_item_mean:
             mean_seg, mean_item = self._user_items_of(batch_users, self.item_mean_fanout)
             extra = torch.unique(mean_item)
             seeds = torch.cat([items, extra[~torch.isin(extra, items)]])
@@ -525,34 +526,35 @@ class MiniBatchCRANE(nn.Module):
         num_seeds, num_nodes = seeds.numel(), nodes.numel()
 
         profile_nodes = None
-        if model._needs_z_user and model.use_profiles and not model.precompute_profiles:
+        if model.needs_z_user and model.use_profiles and not model.precompute_profiles:
             # profiles aggregate the encoded vectors of *all* the users' items
             prof_seg, prof_item = self._user_items_of(batch_users, -1)
             extra = torch.unique(prof_item)
             nodes = torch.cat([nodes, extra[~torch.isin(extra, nodes)]])
             profile_nodes = (prof_seg, prof_item)
 
-        x_item = model._encode_items(nodes)  # the encoders on the needed rows only
+        x_item = model.encode_items(nodes)  # the encoders on the needed rows only
         profiles = None
         if profile_nodes is not None:
             profiles = self._aggregate_profiles(x_item, nodes, batch_users, *profile_nodes)
-        z_item, z_user = model._semantic_codes(x_item[:num_nodes], batch_users, profiles)
+        z_item, z_user = model.semantic_codes(x_item[:num_nodes], batch_users, profiles)
         h = z_item
         if self.item_conv is not None:
             # one adjacency of the step's subgraph for all L_ii layers
-            adj = self.item_conv.adjacency(edge_index, num_nodes, edge_weight.to(h.dtype))
+            adj = self.item_conv.adjacency(edge_index, num_nodes, num_nodes,
+                                             edge_weight.to(h.dtype))
             for _ in range(model.num_ii_layers):
                 h = self.item_conv(h, adj)
         h_seeds = h[:num_seeds]
         item_mean = None
-        if model._needs_item_mean:
+        if model.needs_item_mean:
             rows = h_seeds.index_select(0, _local_ids(seeds, mean_item))
             count = torch.bincount(mean_seg, minlength=batch_users.numel())
             inv = count.to(h.dtype).reciprocal().masked_fill(count == 0, 0.0)
             item_mean = torch.zeros(batch_users.numel(), h.size(-1), dtype=h.dtype,
                                     device=h.device).index_add(
                 0, mean_seg, rows * inv.index_select(0, mean_seg).unsqueeze(-1))
-        h_user, h_item = model._semantic_output(z_user, item_mean, h_seeds[:num_items])
+        h_user, h_item = model.semantic_output(z_user, item_mean, h_seeds[:num_items])
         self.last_stats.update(items_seed=int(num_seeds), items_encoded=int(nodes.numel()),
                                item_edges=int(edge_index.size(1)))
         return h_user, h_item
@@ -583,11 +585,11 @@ class MiniBatchCRANE(nn.Module):
         <crane_pyg.models.CRANE.loss>`), both views computed on the batch's
         subgraphs."""
         model = self.model
-        model._check_batch(users, pos_items, neg_items)
+        model.check_batch(users, pos_items, neg_items)
         batch_users, user_pos = torch.unique(users, return_inverse=True)
         batch_items = pos_items[:0]
         if model.lambda_cl > 0:  # drawn first, as in CRANE.loss (same generator calls)
-            batch_items, = model._cl_subset(torch.unique(pos_items))
+            batch_items, = model.cl_subset(torch.unique(pos_items))
         items, item_pos = torch.unique(torch.cat([pos_items, neg_items, batch_items]),
                                        return_inverse=True)
         self.last_stats = {'users': int(batch_users.numel())}
@@ -622,7 +624,6 @@ def minibatch_loss_module(model: nn.Module, num_neighbors: Sequence[int] | None 
         TypeError: for any other model (VBPR, FREEDOM: no sampled-subgraph
             loss; train them full-batch, ``train.num_neighbors: null``).
     """
-    from crane_pyg.models import CRANE, LightGCN
     if isinstance(model, CRANE):
         return MiniBatchCRANE(model, num_neighbors)
     if isinstance(model, LightGCN):

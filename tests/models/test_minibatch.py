@@ -10,7 +10,7 @@ import torch
 import torch_geometric.typing as pyg_typing
 
 from crane_pyg.models import CRANE, VBPR, LightGCN
-from crane_pyg.train.minibatch import (MiniBatchCRANE, MiniBatchLightGCN,
+from crane_pyg.models.minibatch import (MiniBatchCRANE, MiniBatchLightGCN,
                                        UserItemSubgraphSampler, minibatch_loss_module)
 
 pytestmark = pytest.mark.skipif(
@@ -198,7 +198,7 @@ def test_crane_item_closure_is_the_l_hop_in_neighbourhood(synthetic_data):
     mini = MiniBatchCRANE(model)
     num_items = model.num_items
     S = torch.zeros(num_items, num_items)
-    S[model.item_adj_index[0], model.item_adj_index[1]] = model.item_adj_weight
+    S[model.item_adj_index[1], model.item_adj_index[0]] = model.item_adj_weight  # rows receive
     seeds = torch.tensor([5, 0, 17])
     nodes, edge_index, edge_weight = mini.item_closure(seeds)
     assert torch.equal(nodes[:3], seeds) and nodes.unique().numel() == nodes.numel()
@@ -210,7 +210,7 @@ def test_crane_item_closure_is_the_l_hop_in_neighbourhood(synthetic_data):
     assert nodes.numel() < num_items
     # the subgraph's matrix is S restricted to rows in hop1, columns in hop2
     sub = torch.zeros(nodes.numel(), nodes.numel())
-    sub[edge_index[0], edge_index[1]] = edge_weight
+    sub[edge_index[1], edge_index[0]] = edge_weight  # source -> target
     expected = S[nodes][:, nodes] * hop1[nodes].unsqueeze(1)
     torch.testing.assert_close(sub, expected)
 
