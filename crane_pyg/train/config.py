@@ -193,6 +193,11 @@ class TrainConfig:
             seconds of compilation at the start (23 s on 2 CPU cores with a
             cold cache, 4 s warm) and needs a C++ compiler (CPU) or Triton (CUDA).
             (default: :obj:`False`)
+        mask_valid_in_test (bool): when ranking for the test split, also
+            mask each user's validation items (the stricter protocol); the
+            default masks training items only, as MMRec does (see
+            :class:`~crane_pyg.metrics.FullRankingEvaluator`).
+            (default: :obj:`False`)
         logger (str): where the per-epoch loss parts and validation metrics
             go besides ``history.jsonl``: ``'csv'`` (``metrics.csv``, one
             row per epoch) or ``'tensorboard'`` (event files in
@@ -217,6 +222,7 @@ class TrainConfig:
     num_neighbors: Union[tuple[int, ...], None] = None
     compile: bool = False
     logger: Literal['csv', 'tensorboard'] = 'csv'
+    mask_valid_in_test: bool = False
 
     def __post_init__(self) -> None:
         _coerce_fields(self, 'train')

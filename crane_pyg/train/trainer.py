@@ -97,6 +97,16 @@ GRID_SUMMARY = 'grid_summary'
 RESUMABLE_CHANGES = ('train.epochs', 'train.patience', 'train.device', 'train.eval_batch_size',
                      'train.num_threads', 'train.compile', 'train.logger')
 
+#: options added after runs were recorded, with the value every older run had:
+#: at that value they are left out of the run hash and the resume check, so
+#: older run folders and checkpoints keep their names and stay resumable
+LATER_OPTIONS = {'train.mask_valid_in_test': False}
+
+
+def _without_later_defaults(flat: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in flat.items()
+            if not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
+
 Callback = Callable[['Trainer', dict], None]
 
 
@@ -288,7 +298,8 @@ class Trainer:
             from crane_pyg.metrics import FullRankingEvaluator
             self._evaluators[split] = FullRankingEvaluator(
                 self.data, split=split, ks=self.config.ks,
-                batch_size=self.config.eval_batch_size, device=self.device)
+                batch_size=self.config.eval_batch_size, device=self.device,
+                mask_valid_in_test=self.config.mask_valid_in_test)
         return self._evaluators[split]
 
     @torch.no_grad()
@@ -352,8 +363,8 @@ class Trainer:
         if state.get('sampler_seed') != self.sampler.seed:
             raise CheckpointError(f'{path} was written with seed {state.get("sampler_seed")}, '
                                   f'this run uses seed {self.sampler.seed}')
-        old = _flatten(state.get('config', {}))
-        new = _flatten(to_jsonable(self.experiment))
+        old = _without_later_defaults(_flatten(state.get('config', {})))
+        new = _without_later_defaults(_flatten(to_jsonable(self.experiment)))
         changed = sorted(k for k in set(old) | set(new)
                          if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
         if changed:
@@ -648,7 +659,7 @@ def run_name(dataset: str, model: str, seed: int, experiment: Mapping[str, Any])
     may change (:data:`RESUMABLE_CHANGES`: epochs, patience, device, ...).
     So a run with other settings gets a folder of its own, and the same
     command plus ``--resume`` (with more epochs, say) finds its run."""
-    flat = _flatten(to_jsonable(dict(experiment)))
+    flat = _without_later_defaults(_flatten(to_jsonable(dict(experiment))))
     kept = {k: v for k, v in flat.items()
             if k not in RESUMABLE_CHANGES and k != 'dataset.root'}
     text = json.dumps(kept, sort_keys=True, default=str)

@@ -588,3 +588,12 @@ def test_an_interrupt_during_the_checkpoint_waits_for_it(synthetic_data, tmp_pat
     assert results['status'] == 'interrupted' and results['epochs_run'] == 2
     assert load_checkpoint(tmp_path / LAST)['epoch'] == 1
     assert f'{tmp_path / LAST} holds the state after epoch 1' in capsys.readouterr().err
+
+
+def test_mask_valid_in_test_reaches_the_test_evaluator(synthetic_data, tmp_path):
+    plain = make_trainer(synthetic_data, tmp_path / 'a')
+    strict = make_trainer(synthetic_data, tmp_path / 'b',
+                          config=tiny_config(mask_valid_in_test=True))
+    assert not plain.evaluator('test').mask_valid_in_test
+    assert strict.evaluator('test').mask_valid_in_test
+    assert strict.evaluator('valid').split == 'valid'
