@@ -5,7 +5,12 @@ time and peak memory of one LightGCN propagation step (both directions,
 sizes, for every name of :func:`crane_pyg.nn.available_backends`.
 
 The adjacency is built once (``cached=True``, as CRANE uses the layer) and
-excluded from the timing. Every (backend, size) point runs in a fresh
+excluded from the timing. Two references time PyG's own dispatch of the same
+step, PyG's :class:`~torch_geometric.nn.conv.LGConv` (``normalize=False``) on
+the homogeneous :math:`(U + I)`-node graph with the normalised adjacency
+built once: ``pyg_spmm`` with a ``torch.sparse`` CSR ``adj_t`` (PyG's
+``spmm``), ``pyg_edge_index`` with an :class:`~torch_geometric.EdgeIndex`
+sorted by target and the weights (``--backends`` selects among all). Every (backend, size) point runs in a fresh
 subprocess (peak resident set, ``VmHWM``; CUDA: ``max_memory_allocated``) unless
 ``--in-process``. Writes JSON + PNG and which backend is fastest per size.
 
@@ -29,6 +34,37 @@ from benchmarks.common import (  # noqa: E402
 )
 
 
+#: PyG's own dispatch of the same product, for reference
+PYG_REFERENCES = ('pyg_spmm', 'pyg_edge_index')
+
+
+def _pyg_step(p: Dict[str, Any], edge_index, x_user, x_item, g_user, g_item):
+    r"""One step of PyG's LGConv on the homogeneous graph, normalisation cached."""
+    import torch
+    from torch_geometric import EdgeIndex
+    from torch_geometric.nn import LGConv
+
+    from crane_pyg.nn import gcn_norm_bipartite
+    U, I = x_user.size(0), x_item.size(0)
+    w = gcn_norm_bipartite(edge_index, U, I)
+    item = edge_index[1] + U
+    index = torch.stack([torch.cat([edge_index[0], item]), torch.cat([item, edge_index[0]])])
+    weight = torch.cat([w, w])
+    if p['backend'] == 'pyg_spmm':
+        graph, weight = torch.sparse_coo_tensor(index.flip(0), weight, (U + I, U + I)) \
+            .coalesce().to_sparse_csr(), None
+    else:
+        graph, perm = EdgeIndex(index, sparse_size=(U + I, U + I)).sort_by('col')
+        weight = weight[perm]
+    conv = LGConv(normalize=False)
+
+    def step():
+        x_user.grad = x_item.grad = None
+        out = conv(torch.cat([x_user, x_item]), graph, weight)
+        ((out[:U] * g_user).sum() + (out[U:] * g_item).sum()).backward()
+    return step
+
+
 def run_point(p: Dict[str, Any]) -> Dict[str, Any]:
     import torch
     from crane_pyg.nn import UserItemConv
@@ -41,15 +77,19 @@ def run_point(p: Dict[str, Any]) -> Dict[str, Any]:
     x_item = torch.randn(I, p['d'], generator=g).to(device).requires_grad_()
     g_user = torch.randn(U, p['d'], generator=g).to(device)
     g_item = torch.randn(I, p['d'], generator=g).to(device)
-    conv = UserItemConv(cached=True, backend=p['backend']).to(device)
-    conv.adjacency(edge_index, U, I)  # build the cached adjacency (and its transpose)
-    reset_peak(device)
+    if p['backend'] in PYG_REFERENCES:
+        step = _pyg_step(p, edge_index, x_user, x_item, g_user, g_item)
+        reset_peak(device)
+    else:
+        conv = UserItemConv(cached=True, backend=p['backend']).to(device)
+        conv.adjacency(edge_index, U, I)  # build the cached adjacency (and its transpose)
+        reset_peak(device)
 
-    def step():  # both directions, as LayerCombination runs them
-        x_user.grad = x_item.grad = None
-        adj = conv.adjacency(edge_index, U, I)  # [I, U], from the cache
-        out_user, out_item = conv((x_item, x_user), adj.t()), conv((x_user, x_item), adj)
-        ((out_user * g_user).sum() + (out_item * g_item).sum()).backward()
+        def step():  # both directions, as LayerCombination runs them
+            x_user.grad = x_item.grad = None
+            adj = conv.adjacency(edge_index, U, I)  # [I, U], from the cache
+            out_user, out_item = conv((x_item, x_user), adj.t()), conv((x_user, x_item), adj)
+            ((out_user * g_user).sum() + (out_item * g_item).sum()).backward()
 
     timing = time_fn(step, device, repeats=p['repeats'])
     return {'U': U, 'I': I, 'E': int(edge_index.size(1)), 'time': timing,
@@ -94,13 +134,14 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument('--density', type=int, default=10,
                         help='U = E / density, I = E / (2 density)')
     parser.add_argument('--backends', nargs='+', default=None,
-                        help='subset of crane_pyg.nn.available_backends()')
+                        help='subset of crane_pyg.nn.available_backends() and '
+                             f'{list(PYG_REFERENCES)}')
     args = parser.parse_args(argv)
     if run_child_point(args, run_point):
         return {}
     from crane_pyg.nn import available_backends
     device = resolve_device(args.device)
-    backends = args.backends or available_backends()
+    backends = args.backends or available_backends() + list(PYG_REFERENCES)
     edges = [2000, 8000] if args.quick else [int(e) for e in args.edges]
     dim = 16 if args.quick else args.dim
     result: Dict[str, Any] = {

@@ -2,42 +2,45 @@ r"""Sparse backend selection and a reusable normalised adjacency.
 
 Every propagation layer of :mod:`crane_pyg.nn` multiplies a sparse matrix
 :math:`\mathbf{A} \in \mathbb{R}^{n_r \times n_c}` with dense node features
-:math:`\mathbf{X} \in \mathbb{R}^{n_c \times F}`. Five interchangeable
+:math:`\mathbf{X} \in \mathbb{R}^{n_c \times F}`. Three interchangeable
 implementations ("backends") of that product are offered; all give the same
 numbers (up to float rounding) and the same gradients:
 
 ============== ==================================================================
 backend        implementation
 ============== ==================================================================
-torch_sparse   :class:`torch_sparse.SparseTensor` + ``torch_sparse.matmul``
-               (only if ``torch_sparse`` imports)
 torch_csr      :class:`torch.Tensor` with layout ``torch.sparse_csr`` @ dense
                (``torch.sparse.mm``; the backward uses a CSR of
                :math:`\mathbf{A}^\top` built once)
 edge_index     :class:`torch_geometric.EdgeIndex` sparse-dense matmul (PyG >= 2.5),
                on the row-sorted matrix form (the transposed product of
                PyG <= 2.8.1 has a wrong backward for non-square matrices)
-torch_scatter  edge-level messages, aggregated with ``torch_scatter.scatter``
-               (only if ``torch_scatter`` imports)
-scatter        edge-level messages, aggregated with native ``scatter_add_``
-               (:func:`torch_geometric.utils.scatter`); always available and the
-               reference implementation in the tests
+scatter        PyG's edge-level path: ``message`` + ``aggregate``
+               (native ``scatter_add_``); always available and the reference
+               implementation in the tests
 ============== ==================================================================
+
+Why these are kept (``benchmarks/backends.py``, forward + backward of both
+directions of a LightGCN step, README "Sparse backends"): on CPU the two fused
+backends are faster than PyG's own dispatch of the same product --
+``torch_csr`` than ``spmm`` on a ``torch.sparse`` CSR ``adj_t`` (whose
+autograd transposes :math:`\mathbf{A}` in every backward) and ``edge_index``
+than PyG's transposed ``EdgeIndex`` product; ``scatter`` is PyG's
+``MessagePassing`` path itself. The former ``torch_sparse`` and
+``torch_scatter`` backends were removed: they were thin wrappers of what PyG
+dispatches to for a ``SparseTensor`` and were 2-5x slower than ``torch_csr``;
+the layers still accept a ``SparseTensor`` graph.
 
 :func:`resolve_backend` turns ``'auto'`` into the first available entry of
 :data:`BACKEND_PREFERENCE`; the environment variable ``CRANE_SPARSE_BACKEND``
 (see :data:`BACKEND_ENV_VAR`) overrides that choice.
 
 **Matrix convention.** :class:`Adjacency` stores :math:`\mathbf{A}` with
-:math:`A_{rc} = w_e` for every column :math:`e = (r, c)` of ``edge_index``
-(row 0 = matrix row = the *receiving* node, row 1 = matrix column = the
-*sending* node) and computes :math:`\mathbf{A}\mathbf{X}`. For the bipartite
-user-item graph (row 0 users, row 1 items) ``A`` is the ``[U, I]`` matrix
-with which users aggregate their items, and ``A.t()`` the ``[I, U]`` matrix
-with which items aggregate their users. Note that this is the *matrix*
-convention: PyG's ``MessagePassing`` sends messages from ``edge_index[0]``
-to ``edge_index[1]``; :meth:`Adjacency.propagate_inputs` does the
-translation.
+:math:`A_{rc} = w_e` for every column :math:`e = (r, c)` of the ``edge_index``
+it is built from (row 0 = matrix row = the *receiving* node), PyG's
+``adj_t``; the layers build it from their source-to-target ``edge_index``
+flipped, and :meth:`Adjacency.propagate_inputs` translates it back for
+``MessagePassing.propagate``.
 """
 from __future__ import annotations
 
@@ -49,7 +52,6 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-import torch_geometric.typing
 from torch_geometric.index import index2ptr
 from torch_geometric.utils import coalesce, scatter
 
@@ -62,14 +64,8 @@ except ImportError:  # pragma: no cover - depends on the installed PyG
 #: available one wins. A benchmark (``benchmarks/backends.py``) decides the
 #: order; change it here only. On 2 CPU cores (benchmarks/results/backends.json,
 #: UserItemConv forward + backward, d = 64) torch_csr was fastest at 50k and 200k
-#: edges and within 1.14x of edge_index at 800k; torch_sparse was 2-3x slower.
-BACKEND_PREFERENCE: Tuple[str, ...] = (
-    'torch_csr',
-    'edge_index',
-    'torch_sparse',
-    'torch_scatter',
-    'scatter',
-)
+#: edges and within 1.14x of edge_index at 800k.
+BACKEND_PREFERENCE: Tuple[str, ...] = ('torch_csr', 'edge_index', 'scatter')
 
 #: Environment variable that overrides the backend chosen by ``'auto'``.
 BACKEND_ENV_VAR = 'CRANE_SPARSE_BACKEND'
@@ -77,27 +73,12 @@ BACKEND_ENV_VAR = 'CRANE_SPARSE_BACKEND'
 #: Backends that pass a sparse matrix object to ``MessagePassing.propagate``
 #: (and hence run ``message_and_aggregate``); the others pass an
 #: ``edge_index`` tensor and run ``message`` + ``aggregate``.
-FUSED_BACKENDS: Tuple[str, ...] = ('torch_sparse', 'torch_csr', 'edge_index')
+FUSED_BACKENDS: Tuple[str, ...] = ('torch_csr', 'edge_index')
 
-
-def _has_torch_sparse() -> bool:
-    return bool(torch_geometric.typing.WITH_TORCH_SPARSE)
-
-
-def _has_torch_scatter() -> bool:
-    return bool(torch_geometric.typing.WITH_TORCH_SCATTER)
-
-
-def _has_edge_index() -> bool:
-    return EdgeIndex is not None
-
-
-#: name -> availability probe (module constants computed by PyG at import).
+#: name -> availability probe
 _AVAILABILITY: Dict[str, Callable[[], bool]] = {
-    'torch_sparse': _has_torch_sparse,
     'torch_csr': lambda: True,
-    'edge_index': _has_edge_index,
-    'torch_scatter': _has_torch_scatter,
+    'edge_index': lambda: EdgeIndex is not None,
     'scatter': lambda: True,
 }
 
@@ -133,11 +114,9 @@ def resolve_backend(name: Optional[str] = 'auto') -> str:
                          f"expected 'auto' or one of {list(BACKEND_PREFERENCE)} "
                          f"(available here: {available})")
     if name not in available:
-        package = {'torch_sparse': 'torch-sparse', 'torch_scatter': 'torch-scatter',
-                   'edge_index': 'torch-geometric>=2.5'}.get(name, name)
         raise ValueError(f"Sparse backend {name!r} (from {source}) is not "
-                         f"available: it needs {package}. Available backends: "
-                         f"{available}")
+                         f"available: it needs torch-geometric>=2.5. Available "
+                         f"backends: {available}")
     return name
 
 
@@ -282,17 +261,10 @@ def sym_norm(
 
 def sparse_matmul(matrix, x: Tensor, value: Optional[Tensor] = None) -> Tensor:
     r"""Computes :math:`\mathbf{A}\mathbf{X}` for a sparse matrix
-    :math:`\mathbf{A}` whose rows are the receiving nodes.
-
-    Args:
-        matrix: :math:`\mathbf{A}` as a :class:`torch_sparse.SparseTensor`,
-            a ``torch.sparse_csr`` tensor, or a :class:`torch_geometric.EdgeIndex`
-            ``[row; col]`` sorted by row (whose values are given as
-            :obj:`value`).
-        x (torch.Tensor): ``[num_cols, F]`` dense features.
-        value (torch.Tensor, optional): the values of an :class:`EdgeIndex`
-            (ignored for the other types, which hold their values).
-    """
+    :math:`\mathbf{A}` whose rows are the receiving nodes: a
+    ``torch.sparse_csr`` tensor, or a :class:`torch_geometric.EdgeIndex`
+    ``[row; col]`` sorted by row whose values are given as :obj:`value`;
+    ``x``: ``[num_cols, F]``."""
     if EdgeIndex is not None and isinstance(matrix, EdgeIndex):
         if value is not None and value.dtype != x.dtype:
             value = value.to(x.dtype)
@@ -303,21 +275,9 @@ def sparse_matmul(matrix, x: Tensor, value: Optional[Tensor] = None) -> Tensor:
         with checks(enable=checks.is_enabled()), warnings.catch_warnings():
             warnings.filterwarnings('ignore', message='.*Sparse CS[RC] tensor support is in beta.*')
             return matrix.matmul(x, input_value=value)
-    if isinstance(matrix, Tensor) and matrix.layout == torch.sparse_csr:
-        if matrix.dtype != x.dtype:
-            matrix = matrix.to(x.dtype)
-        return torch.sparse.mm(matrix, x)
-    if torch_geometric.typing.WITH_TORCH_SPARSE:
-        from torch_sparse import SparseTensor, matmul
-        if isinstance(matrix, SparseTensor):
-            if matrix.nnz() == 0:
-                return x.new_zeros(matrix.size(0), x.size(-1))
-            stored = matrix.storage.value()
-            if stored is not None and stored.dtype != x.dtype:
-                matrix = matrix.set_value(stored.to(x.dtype), layout='coo')
-            return matmul(matrix, x, reduce='sum')
-    raise TypeError(f"sparse_matmul: unsupported sparse matrix type "
-                    f"{type(matrix).__name__}")
+    if matrix.dtype != x.dtype:
+        matrix = matrix.to(x.dtype)
+    return torch.sparse.mm(matrix, x)
 
 
 class _CSRMatmul(torch.autograd.Function):
@@ -425,10 +385,6 @@ class Adjacency:
 
     def _build_sparse(self):
         row, col, value, size = self.row, self.col, self.value, self.size
-        if self.backend == 'torch_sparse':
-            from torch_sparse import SparseTensor
-            return SparseTensor(row=row, col=col, value=value, sparse_sizes=size,
-                                is_sorted=True, trust_data=True)
         if self.backend == 'torch_csr':
             return _build_csr(row, col, value, size)
         if self.backend == 'edge_index':
@@ -470,13 +426,13 @@ class Adjacency:
         r"""What to pass to ``MessagePassing.propagate`` for the product
         :math:`\mathbf{A}\mathbf{X}`: ``(edge_index, edge_weight, size)``.
 
-        ``'torch_sparse'`` and ``'torch_csr'`` return their sparse matrix (rows
-        = receiving nodes, the ``adj_t`` PyG expects), ``'edge_index'`` an
-        :class:`EdgeIndex` ``[source; target] = [col; row]`` sorted by target
-        (PyG's fused ``EdgeIndex`` path) with the values; the scatter backends
-        the plain ``[col; row]`` tensor with ``size=(num_cols, num_rows)``.
+        ``'torch_csr'`` returns its sparse matrix (rows = receiving nodes, the
+        ``adj_t`` PyG expects), ``'edge_index'`` an :class:`EdgeIndex`
+        ``[source; target] = [col; row]`` sorted by target (PyG's fused
+        ``EdgeIndex`` path) with the values; ``'scatter'`` the plain
+        ``[col; row]`` tensor with ``size=(num_cols, num_rows)``.
         """
-        if self.backend in ('torch_sparse', 'torch_csr'):
+        if self.backend == 'torch_csr':
             return self._sparse, None, None
         if self.backend == 'edge_index':
             if self._pyg_view is None:
@@ -506,7 +462,7 @@ class Adjacency:
             out = sparse_matmul(self._sparse, x2, self.value)
         else:
             msg = x2.index_select(0, self.col) * self.value.to(x2.dtype).unsqueeze(-1)
-            out = edge_scatter(msg, self.row, self.size[0], self.backend)
+            out = scatter(msg, self.row, 0, dim_size=self.size[0], reduce='sum')
         return out.reshape(self.size[0], *trailing)
 
     __matmul__ = matmul
@@ -560,13 +516,3 @@ class Adjacency:
     def __repr__(self) -> str:
         return (f'{self.__class__.__name__}(size={self.size}, nnz={self.nnz}, '
                 f'backend={self.backend!r}, device={self.device})')
-
-
-def edge_scatter(msg: Tensor, index: Tensor, dim_size: int, backend: str) -> Tensor:
-    r"""Sums edge messages ``[E, F]`` into ``[dim_size, F]`` at ``index``,
-    with ``torch_scatter.scatter`` for the ``'torch_scatter'`` backend and
-    native ``scatter_add_`` otherwise."""
-    if backend == 'torch_scatter':
-        import torch_scatter
-        return torch_scatter.scatter(msg, index, dim=0, dim_size=dim_size, reduce='sum')
-    return scatter(msg, index, 0, dim_size=dim_size, reduce='sum')

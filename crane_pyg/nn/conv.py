@@ -11,11 +11,11 @@ One convention, PyG's: messages flow from ``edge_index[0]`` to
 returns the target side, so the layers compose in
 :class:`~torch_geometric.nn.HeteroConv` and :func:`~torch_geometric.nn.to_hetero`.
 
-Every layer is a :class:`~torch_geometric.nn.conv.MessagePassing` with both an
-edge-level path (:meth:`message` + :meth:`aggregate`, used by the
-``'scatter'`` and ``'torch_scatter'`` backends) and a fused sparse path
-(:meth:`message_and_aggregate`, used by ``'torch_sparse'``, ``'torch_csr'``
-and ``'edge_index'``); see :mod:`crane_pyg.nn.backend`.
+Every layer is a :class:`~torch_geometric.nn.conv.MessagePassing` with
+PyG's edge-level path (:meth:`message` + PyG's sum aggregation, the
+``'scatter'`` backend) and a fused sparse path (:meth:`message_and_aggregate`,
+the ``'torch_csr'`` and ``'edge_index'`` backends); see
+:mod:`crane_pyg.nn.backend`.
 """
 from __future__ import annotations
 
@@ -39,7 +39,6 @@ from crane_pyg.nn.backend import (
     _check_edge_index,
     _check_edge_weight,
     _check_index_range,
-    edge_scatter,
     gcn_norm_bipartite,
     resolve_backend,
     sym_norm,
@@ -142,28 +141,14 @@ class _AdjacencyPropagation(MessagePassing):
             return x_j
         return edge_weight.to(x_j.dtype).view(-1, 1) * x_j
 
-    def aggregate(self, inputs: Tensor, index: Tensor, ptr: Optional[Tensor] = None,
-                  dim_size: Optional[int] = None,
-                  adjacency: Optional[Adjacency] = None) -> Tensor:
-        r"""Sum of the messages per receiving node, with ``torch_scatter`` for
-        the ``'torch_scatter'`` backend and native ``scatter_add_`` else."""
-        backend = adjacency.backend if adjacency is not None else 'scatter'
-        return edge_scatter(inputs, index, int(dim_size), backend)
-
     def message_and_aggregate(self, edge_index: Any, x: Tensor,
-                              edge_weight: Optional[Tensor] = None,
                               adjacency: Optional[Adjacency] = None) -> Tensor:
-        r"""Fused sparse product :math:`\mathbf{A}\mathbf{X}` in the
-        backend's form (``torch_sparse.matmul``, ``torch.sparse.mm`` or
-        ``EdgeIndex.matmul``). ``edge_index`` is the sparse object passed to
-        :meth:`propagate` (``SparseTensor``, ``torch.sparse_csr`` tensor or
-        ``EdgeIndex`` sorted by target); when the :class:`Adjacency` it came
-        from is given, its product is used (for ``EdgeIndex`` that is the
-        row-sorted matrix form, see :class:`~crane_pyg.nn.backend.Adjacency`)."""
+        r"""Fused sparse product :math:`\mathbf{A}\mathbf{X}` of the
+        :class:`~crane_pyg.nn.backend.Adjacency` the sparse ``edge_index``
+        came from (``torch.sparse.mm`` or the row-sorted ``EdgeIndex``
+        product); PyG's :func:`~torch_geometric.utils.spmm` without it."""
         if adjacency is not None:
             return adjacency.matmul(x)
-        if EdgeIndex is not None and isinstance(edge_index, EdgeIndex):
-            return edge_index.matmul(x, input_value=edge_weight, transpose=True)
         return spmm(edge_index, x, reduce='sum')
 
 
@@ -243,6 +228,11 @@ class _BipartitePropagation(_AdjacencyPropagation):
     Subclasses give :meth:`normalized_weight`."""
     NODE_NAMES = ('source nodes', 'target nodes')  # for error messages
 
+    def __init__(self, normalize: Any, cached: bool = False, backend: str = 'auto',
+                 **kwargs: Any) -> None:
+        super().__init__(cached=cached, backend=backend, **kwargs)
+        self.normalize = normalize
+
     def normalized_weight(self, edge_index: Tensor, edge_weight: Optional[Tensor],
                           num_src: int, num_dst: int) -> Optional[Tensor]:
         raise NotImplementedError
@@ -282,6 +272,10 @@ class _BipartitePropagation(_AdjacencyPropagation):
                              f"but the input has {x_src.size(0)} source and {num_dst} "
                              f"target nodes")
         return self._propagate_adj(adj, x_src)
+
+    def __repr__(self) -> str:
+        return (f'{self.__class__.__name__}(normalize={self.normalize!r}, '
+                f'cached={self.cached}, backend={self.backend!r})')
 
 
 class UserItemConv(_BipartitePropagation):
@@ -332,18 +326,13 @@ class UserItemConv(_BipartitePropagation):
 
     def __init__(self, normalize: bool = True, cached: bool = False,
                  backend: str = 'auto', **kwargs: Any) -> None:
-        super().__init__(cached=cached, backend=backend, **kwargs)
-        self.normalize = bool(normalize)
+        super().__init__(bool(normalize), cached, backend, **kwargs)
 
     def normalized_weight(self, edge_index: Tensor, edge_weight: Optional[Tensor],
                           num_src: int, num_dst: int) -> Optional[Tensor]:
         if not self.normalize:
             return edge_weight
         return gcn_norm_bipartite(edge_index, num_src, num_dst, edge_weight)
-
-    def __repr__(self) -> str:
-        return (f'{self.__class__.__name__}(normalize={self.normalize}, '
-                f'cached={self.cached}, backend={self.backend!r})')
 
 
 class ItemItemConv(_BipartitePropagation):
@@ -387,18 +376,13 @@ class ItemItemConv(_BipartitePropagation):
 
     def __init__(self, normalize: bool = False, cached: bool = False,
                  backend: str = 'auto', **kwargs: Any) -> None:
-        super().__init__(cached=cached, backend=backend, **kwargs)
-        self.normalize = bool(normalize)
+        super().__init__(bool(normalize), cached, backend, **kwargs)
 
     def normalized_weight(self, edge_index: Tensor, edge_weight: Optional[Tensor],
                           num_src: int, num_dst: int) -> Optional[Tensor]:
         if not self.normalize:
             return edge_weight
         return sym_norm(edge_index.flip(0), edge_weight, num_dst)
-
-    def __repr__(self) -> str:
-        return (f'{self.__class__.__name__}(normalize={self.normalize}, '
-                f'cached={self.cached}, backend={self.backend!r})')
 
 
 class LayerCombination(torch.nn.Module):

@@ -64,11 +64,10 @@ class UserProfileAggregation(_BipartitePropagation):
 
     def __init__(self, normalize: str = 'mean', cached: bool = False,
                  backend: str = 'auto', **kwargs: Any) -> None:
-        super().__init__(cached=cached, backend=backend, **kwargs)
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"UserProfileAggregation: normalize must be one of "
                              f"{list(NORMALIZATIONS)}, got {normalize!r}")
-        self.normalize = normalize
+        super().__init__(normalize, cached, backend, **kwargs)
 
     def normalized_weight(self, edge_index: Tensor, edge_weight: Optional[Tensor],
                           num_items: int, num_users: int) -> Optional[Tensor]:
@@ -81,7 +80,3 @@ class UserProfileAggregation(_BipartitePropagation):
         deg = scatter(edge_weight, edge_index[1], 0, dim_size=num_users, reduce='sum')
         inv = deg.reciprocal().masked_fill(deg <= 0, 0.0)
         return edge_weight * inv[edge_index[1]]
-
-    def __repr__(self) -> str:
-        return (f'{self.__class__.__name__}(normalize={self.normalize!r}, '
-                f'cached={self.cached}, backend={self.backend!r})')

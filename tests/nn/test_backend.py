@@ -42,16 +42,10 @@ def dense(edge_index, edge_weight, size):
 # ---------------------------------------------------------------------------
 
 def test_preference_order_and_availability():
-    assert set(BACKEND_PREFERENCE) == {'torch_sparse', 'torch_csr', 'edge_index',
-                                       'torch_scatter', 'scatter'}
+    assert BACKEND_PREFERENCE == ('torch_csr', 'edge_index', 'scatter')
     assert BACKENDS[-1] == 'scatter' and 'torch_csr' in BACKENDS
     # available backends keep the preference order
     assert BACKENDS == [name for name in BACKEND_PREFERENCE if name in BACKENDS]
-    try:
-        import torch_sparse  # noqa: F401
-        assert 'torch_sparse' in BACKENDS
-    except ImportError:
-        assert 'torch_sparse' not in BACKENDS
 
 
 def test_resolve_auto_and_env(monkeypatch):
@@ -69,10 +63,12 @@ def test_resolve_auto_and_env(monkeypatch):
 def test_resolve_errors(monkeypatch):
     with pytest.raises(ValueError, match=r"Unknown sparse backend 'dense'.*available"):
         resolve_backend('dense')
-    monkeypatch.setitem(backend_module._AVAILABILITY, 'torch_sparse', lambda: False)
-    with pytest.raises(ValueError, match=r"not available: it needs torch-sparse.*'scatter'"):
-        resolve_backend('torch_sparse')
-    assert 'torch_sparse' not in available_backends()
+    with pytest.raises(ValueError, match=r"Unknown sparse backend 'torch_sparse'"):
+        resolve_backend('torch_sparse')  # removed: a SparseTensor graph is still accepted
+    monkeypatch.setitem(backend_module._AVAILABILITY, 'edge_index', lambda: False)
+    with pytest.raises(ValueError, match=r"not available: it needs torch-geometric.*'scatter'"):
+        resolve_backend('edge_index')
+    assert 'edge_index' not in available_backends()
 
 
 # ---------------------------------------------------------------------------

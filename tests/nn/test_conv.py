@@ -330,26 +330,6 @@ def test_double_precision_features(backend):
     torch.testing.assert_close(out_item, expected[num_users:])
 
 
-@pytest.mark.skipif('torch_scatter' not in BACKENDS, reason='torch-scatter not installed')
-def test_torch_scatter_backend_aggregates_with_torch_scatter(monkeypatch):
-    import torch_scatter
-    calls = []
-    original = torch_scatter.scatter
-
-    def counting_scatter(*args, **kwargs):
-        calls.append(kwargs.get('reduce'))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(torch_scatter, 'scatter', counting_scatter)
-    edge_index, _ = random_bipartite()
-    both(UserItemConv(backend='torch_scatter'), torch.randn(12, 4), torch.randn(9, 4),
-         edge_index)
-    assert calls == ['sum', 'sum']
-    calls.clear()
-    both(UserItemConv(backend='scatter'), torch.randn(12, 4), torch.randn(9, 4), edge_index)
-    assert calls == []
-
-
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_cached_layer_survives_deepcopy(backend):
     import copy
