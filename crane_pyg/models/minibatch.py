@@ -246,15 +246,7 @@ class MiniBatchLightGCN(nn.Module):
 
     def __init__(self, model: nn.Module, num_neighbors: Sequence[int] | None = None) -> None:
         super().__init__()
-        if not isinstance(model, LightGCN):
-            raise TypeError(f'MiniBatchLightGCN supports LightGCN only, got '
-                            f'{type(model).__name__} (use MiniBatchCRANE for CRANE, or '
-                            f'minibatch_loss_module to pick)')
-        if num_neighbors is None:
-            num_neighbors = [-1] * model.num_layers
-        if len(num_neighbors) != model.num_layers:
-            raise ValueError(f"'num_neighbors' has {len(num_neighbors)} hops but the model "
-                             f'has num_layers={model.num_layers}')
+        num_neighbors = _fanouts(self, model, LightGCN, 'num_layers', num_neighbors)
         self.model = model
         self.sampler = UserItemSubgraphSampler(model.edge_index, model.num_users,
                                                model.num_items, num_neighbors)
@@ -287,6 +279,26 @@ class MiniBatchLightGCN(nn.Module):
 
     def extra_repr(self) -> str:
         return f'num_neighbors={self.sampler.num_neighbors}'
+
+
+def _fanouts(module: nn.Module, model: nn.Module, model_cls: type, layers: str,
+             num_neighbors: Sequence[int] | None) -> List[int]:
+    r"""Checks that :obj:`model` is a :obj:`model_cls` and returns the fan-out per
+    hop, one per layer (the model's attribute :obj:`layers`), all by default."""
+    if not isinstance(model, model_cls):
+        other = 'MiniBatchCRANE for CRANE' if model_cls is LightGCN else \
+            'MiniBatchLightGCN for LightGCN'
+        raise TypeError(f'{type(module).__name__} supports {model_cls.__name__} only, got '
+                        f'{type(model).__name__} (use {other}, or minibatch_loss_module '
+                        f'to pick)')
+    num_layers = getattr(model, layers)
+    if num_neighbors is None:
+        return [-1] * num_layers
+    num_neighbors = [_check_fanout(k, 'num_neighbors') for k in num_neighbors]
+    if len(num_neighbors) != num_layers:
+        raise ValueError(f"'num_neighbors' has {len(num_neighbors)} hops but the model "
+                         f'has {layers}={num_layers}')
+    return num_neighbors
 
 
 def _check_fanout(value: int, name: str) -> int:
@@ -379,16 +391,7 @@ class MiniBatchCRANE(nn.Module):
     def __init__(self, model: nn.Module, num_neighbors: Sequence[int] | None = None,
                  item_mean_fanout: int | None = None) -> None:
         super().__init__()
-        if not isinstance(model, CRANE):
-            raise TypeError(f'MiniBatchCRANE supports CRANE only, got '
-                            f'{type(model).__name__} (use MiniBatchLightGCN for LightGCN, '
-                            f'or minibatch_loss_module to pick)')
-        if num_neighbors is None:
-            num_neighbors = [-1] * model.num_ui_layers
-        num_neighbors = [_check_fanout(k, 'num_neighbors') for k in num_neighbors]
-        if len(num_neighbors) != model.num_ui_layers:
-            raise ValueError(f"'num_neighbors' has {len(num_neighbors)} hops but the model "
-                             f'has num_ui_layers={model.num_ui_layers}')
+        num_neighbors = _fanouts(self, model, CRANE, 'num_ui_layers', num_neighbors)
         if item_mean_fanout is None:
             item_mean_fanout = num_neighbors[0] if num_neighbors else -1
         self.model = model

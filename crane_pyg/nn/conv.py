@@ -235,7 +235,11 @@ class _BipartitePropagation(_AdjacencyPropagation):
 
     def normalized_weight(self, edge_index: Tensor, edge_weight: Optional[Tensor],
                           num_src: int, num_dst: int) -> Optional[Tensor]:
-        raise NotImplementedError
+        r"""The edge weights of :math:`\hat{\mathbf{A}}`: :meth:`norm` of the
+        given ones with ``normalize=True``, the given ones else."""
+        if not self.normalize:
+            return edge_weight
+        return self.norm(edge_index, edge_weight, num_src, num_dst)
 
     def adjacency(self, edge_index: GraphInput, num_src: int, num_dst: int,
                   edge_weight: Optional[Tensor] = None) -> Adjacency:
@@ -324,15 +328,12 @@ class UserItemConv(_BipartitePropagation):
     :math:`O(E)` extra memory for the adjacency.
     """
 
+    norm = staticmethod(lambda index, weight, n_src, n_dst:
+                        gcn_norm_bipartite(index, n_src, n_dst, weight))
+
     def __init__(self, normalize: bool = True, cached: bool = False,
                  backend: str = 'auto', **kwargs: Any) -> None:
         super().__init__(bool(normalize), cached, backend, **kwargs)
-
-    def normalized_weight(self, edge_index: Tensor, edge_weight: Optional[Tensor],
-                          num_src: int, num_dst: int) -> Optional[Tensor]:
-        if not self.normalize:
-            return edge_weight
-        return gcn_norm_bipartite(edge_index, num_src, num_dst, edge_weight)
 
 
 class ItemItemConv(_BipartitePropagation):
@@ -374,15 +375,12 @@ class ItemItemConv(_BipartitePropagation):
     Cost: :math:`O(E F)` per call, :math:`O(k I F)` for a kNN graph.
     """
 
+    norm = staticmethod(lambda index, weight, n_src, n_dst:  # in-degrees: rows of adj_t
+                        sym_norm(index.flip(0), weight, n_dst))
+
     def __init__(self, normalize: bool = False, cached: bool = False,
                  backend: str = 'auto', **kwargs: Any) -> None:
         super().__init__(bool(normalize), cached, backend, **kwargs)
-
-    def normalized_weight(self, edge_index: Tensor, edge_weight: Optional[Tensor],
-                          num_src: int, num_dst: int) -> Optional[Tensor]:
-        if not self.normalize:
-            return edge_weight
-        return sym_norm(edge_index.flip(0), edge_weight, num_dst)
 
 
 class LayerCombination(torch.nn.Module):
