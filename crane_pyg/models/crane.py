@@ -344,6 +344,10 @@ class CRANE(Recommender):
             (default: ``'auto'``)
     """
 
+    #: state_dict format: 2 stores the (persistent, rebuilt) item graph
+    #: source -> target; older checkpoints are converted when loaded
+    _version = 2
+
     def __init__(
         self,
         num_users: int,
@@ -615,6 +619,12 @@ class CRANE(Recommender):
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str,
                               *args: Any, **kwargs: Any) -> None:
+        # Format 1 (before issue 13) stored the item graph the other way round
+        # (index[0] receiving); such checkpoints are turned source -> target.
+        metadata = args[0] if args else kwargs.get('local_metadata', {})
+        key = prefix + 'item_adj_index'
+        if key in state_dict and (metadata or {}).get('version', 1) < 2:
+            state_dict[key] = state_dict[key].flip(0)
         # A rebuilt item graph has a different number of entries: resize the
         # buffers to the incoming ones before the copy.
         for name in _GRAPH_BUFFERS:

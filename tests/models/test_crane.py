@@ -476,6 +476,14 @@ def test_graph_rebuild(knn_data):
     # the raw graph stays the reference of later rebuilds
     torch.testing.assert_close(_dense(fresh.raw_item_adj_index, fresh.raw_item_adj_weight,
                                       fresh.num_items), raw)
+    # a checkpoint of format 1 (before issue 13: the graph stored receiver
+    # first, no version in its metadata) is turned source -> target
+    old = type(state)((k, v.flip(0) if k == 'item_adj_index' else v) for k, v in state.items())
+    old._metadata = {k: {n: v for n, v in meta.items() if n != 'version'}
+                     for k, meta in state._metadata.items()}
+    older = _model(knn_data, graph_rebuild_every=2, rebuild_mix=beta).eval()
+    older.load_state_dict(old)
+    assert torch.equal(older.item_adj_index, model.item_adj_index)
 
 
 def test_graph_rebuild_ignores_rca_dropout(knn_data):
