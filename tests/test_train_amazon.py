@@ -138,6 +138,20 @@ def test_modality_selection(tiny, tmp_path, capsys):
     assert "has modalities ['image', 'text'], not ['audio']" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('model', ['mgcn', 'lgmrec'])
+def test_post_2023_baselines_train_end_to_end(tiny, tmp_path, model, keep_threads):
+    out = tmp_path / model
+    assert main(tiny + ['--model', model, '--output', str(out), '--epochs', '2',
+                        '--set', 'train.num_threads=1'] + FAST) == 0
+    results = json.loads((out / 'results.json').read_text())
+    assert results['model'] == model and results['epochs_run'] == 2
+    assert results['data']['modalities'] == ['image', 'text']
+    assert 0.0 <= results['test']['recall@20'] <= 1.0
+    # its packaged YAML was applied: e.g. LGMRec's hyperedges, MGCN's InfoNCE weight
+    expected = {'mgcn': ('cl_weight', 0.01), 'lgmrec': ('num_hyperedges', 4)}[model]
+    assert results['config']['model'][expected[0]] == expected[1]
+
+
 # ---------------------------------------------------------------------------
 # errors: exit code 2, a message, no traceback
 # ---------------------------------------------------------------------------
