@@ -34,8 +34,10 @@ def hyperedge_dependencies(logits: Tensor, temperature: float, training: bool) -
 
 class LGMRec(ModalityGraphRecommender):
     r"""LGMRec from `"LGMRec: Local and Global Graph Learning for Multimodal
-    Recommendation" <https://arxiv.org/abs/2312.16400>`_, written from the
-    paper, with the settings of the MMRec toolbox (``LGMRec.yaml``).
+    Recommendation" <https://arxiv.org/abs/2312.16400>`_, our own code
+    after the paper's description, the equations as MMRec's reference model
+    (``src/models/lgmrec.py``) computes them, with the settings of MMRec's
+    ``LGMRec.yaml``.
 
     Notation: ID embeddings :math:`\mathbf{E}_U, \mathbf{E}_I` (dimension
     :math:`d`), features :math:`\mathbf{X}_m \in \mathbb{R}^{I \times d_m}`

@@ -21,9 +21,10 @@ __all__ = ['MGCN']
 
 class MGCN(ModalityGraphRecommender):
     r"""MGCN from `"Multi-View Graph Convolutional Network for Multimedia
-    Recommendation" <https://arxiv.org/abs/2308.03588>`_, written from the
-    paper, with the settings of the MMRec toolbox (``MGCN.yaml``) and of the
-    authors' release (``demonph10/MGCN``).
+    Recommendation" <https://arxiv.org/abs/2308.03588>`_, our own code
+    after the paper's description, the equations as MMRec's reference model
+    (``src/models/mgcn.py``) computes them, with the settings of MMRec's
+    ``MGCN.yaml`` and of the authors' release (``demonph10/MGCN``).
 
     Let :math:`\mathbf{E}_U, \mathbf{E}_I` be the ID embeddings (dimension
     :math:`d`), :math:`\mathbf{X}_m \in \mathbb{R}^{I \times d_m}` the
