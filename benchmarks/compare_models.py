@@ -24,6 +24,10 @@ Example (the lead's runs on the MMRec Amazon data)::
         --models crane,lightgcn,freedom --seeds 999,1,2 \
         --output benchmarks/results/compare-baby
 
+Any registered model can be compared (``crane``, ``lightgcn``, ``vbpr``,
+``freedom``, ``mgcn``, ``lgmrec``), e.g. ``--models
+crane,freedom,mgcn,lgmrec``.
+
 ``--resume`` continues interrupted runs and reuses finished ones. Both
 result files are written atomically.
 
@@ -89,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--data-root', help='folder holding <dataset>/ '
                         '(default: $CRANE_DATA_ROOT or ./data)')
     parser.add_argument('--models', default='crane,lightgcn,freedom',
-                        help='comma-separated model names (default: crane,lightgcn,freedom)')
+                        help='comma-separated model names, any of crane, lightgcn, vbpr, '
+                        'freedom, mgcn, lgmrec (default: crane,lightgcn,freedom)')
     parser.add_argument('--seeds', default='999',
                         help='comma-separated seeds (default: 999, MMRec\'s)')
     parser.add_argument('--output', help='output folder '

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-r"""Train CRANE (or LightGCN, VBPR, FREEDOM) on an MMRec-format dataset.
+r"""Train CRANE (or LightGCN, VBPR, FREEDOM, MGCN, LGMRec) on an MMRec-format
+dataset.
 
 Without arguments it trains CRANE on the embedded synthetic dataset (a few
 minutes on two CPU cores) and prints the validation and test metrics::
@@ -11,6 +12,7 @@ folder), e.g. ``./data/baby/{baby.inter,image_feat.npy,text_feat.npy}``::
 
     python examples/train_amazon.py --dataset baby --data-root ./data
     python examples/train_amazon.py --dataset baby --model freedom --seed 1
+    python examples/train_amazon.py --dataset baby --model lgmrec
     python examples/train_amazon.py --dataset baby --set model.lambda_cl=0.05 \
         --set train.lr=5e-4
     python examples/train_amazon.py --dataset baby --resume   # continue a run

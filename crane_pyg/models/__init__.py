@@ -8,7 +8,9 @@ from typing import Dict, Type
 from crane_pyg.models.base import Recommender
 from crane_pyg.models.crane import CRANE
 from crane_pyg.models.freedom import FREEDOM
+from crane_pyg.models.lgmrec import LGMRec
 from crane_pyg.models.lightgcn import LightGCN
+from crane_pyg.models.mgcn import MGCN
 from crane_pyg.models.minibatch import (MiniBatchCRANE, MiniBatchLightGCN,
                                         UserItemSubgraphSampler, minibatch_loss_module)
 from crane_pyg.models.vbpr import VBPR
@@ -19,7 +21,10 @@ MODELS: Dict[str, Type[Recommender]] = {
     'lightgcn': LightGCN,
     'vbpr': VBPR,
     'freedom': FREEDOM,
+    'mgcn': MGCN,
+    'lgmrec': LGMRec,
 }
 
-__all__ = ['Recommender', 'CRANE', 'LightGCN', 'VBPR', 'FREEDOM', 'MODELS', 'MiniBatchCRANE',
-           'MiniBatchLightGCN', 'UserItemSubgraphSampler', 'minibatch_loss_module']
+__all__ = ['Recommender', 'CRANE', 'LightGCN', 'VBPR', 'FREEDOM', 'MGCN', 'LGMRec', 'MODELS',
+           'MiniBatchCRANE', 'MiniBatchLightGCN', 'UserItemSubgraphSampler',
+           'minibatch_loss_module']

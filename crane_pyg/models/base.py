@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from abc import ABCMeta, abstractmethod
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -45,9 +46,14 @@ from crane_pyg.transforms import ItemKNNGraph, knn_adjacency
 from crane_pyg.transforms.item_knn import default_modality_weights
 
 __all__ = [
+    'ModalityGraphRecommender',
     'Recommender',
+    'SparseMatrices',
+    'bipartite_block_matrix',
     'degree_sensitive_edge_sample',
     'epoch_generator',
+    'interaction_matrix',
+    'sparse_csr',
 ]
 
 
@@ -548,6 +554,14 @@ def item_adjacency(
     return item_edge_index, item_edge_weight
 
 
+def require_modalities(owner: str, features: Mapping[str, Tensor]) -> None:
+    r"""Raises the models' common error for a dataset without modality features."""
+    if not features:
+        raise ValueError(f'{owner} needs at least one item modality, but the '
+                         f'dataset has none (data.modalities is empty: no '
+                         f'<modality>_feat.npy file)')
+
+
 def check_choice(owner: str, name: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
         raise ValueError(f'{owner}: {name!r} must be one of {list(choices)}, got {value!r}')
@@ -613,3 +627,150 @@ def degree_sensitive_edge_sample(
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     r"""A CPU generator seeded with ``seed + epoch`` (reproducible per epoch)."""
     return torch.Generator(device='cpu').manual_seed(int(seed) + int(epoch))
+
+
+# ----------------------------------------------------------------------
+# torch.sparse matrices built by a model itself (MGCN, LGMRec)
+# ----------------------------------------------------------------------
+
+#: normalisations of :func:`interaction_matrix`
+INTERACTION_NORMS = (None, 'sym', 'row')
+
+
+def interaction_matrix(edge_index: Tensor, num_users: int, num_items: int,
+                       normalize: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    r"""The :math:`U \times I` interaction matrix :math:`\mathbf{R}` of the
+    training edges as ``(index, value)``: ``index`` the coalesced ``(user,
+    item)`` pairs (a repeated interaction counts once), sorted by user, and
+
+    * ``normalize=None``: :math:`R_{ui} = 1`,
+    * ``'sym'``: :math:`\hat{R}_{ui} = 1 / \sqrt{d_u d_i}` (the user-item
+      block of LightGCN's :math:`\mathbf{D}^{-1/2}\mathbf{A}\mathbf{D}^{-1/2}`),
+    * ``'row'``: :math:`\bar{R}_{ui} = 1 / d_u` (the mean over a user's items),
+
+    with :math:`d_u, d_i` the numbers of distinct interactions."""
+    if normalize not in INTERACTION_NORMS:
+        raise ValueError(f'interaction_matrix: normalize must be one of '
+                         f'{list(INTERACTION_NORMS)}, got {normalize!r}')
+    index = torch.unique(edge_index.long(), dim=1)  # sorted by (user, item)
+    value = torch.ones(index.size(1), device=index.device)
+    if normalize is None:
+        return index, value
+    deg_user = torch.bincount(index[0], minlength=num_users).float()
+    if normalize == 'row':
+        return index, value / deg_user[index[0]]
+    deg_item = torch.bincount(index[1], minlength=num_items).float()
+    return index, (deg_user[index[0]] * deg_item[index[1]]).rsqrt()
+
+
+def bipartite_block_matrix(index: Tensor, value: Tensor,
+                           num_users: int) -> Tuple[Tensor, Tensor]:
+    r"""The :math:`(U + I) \times (U + I)` matrix
+    :math:`\begin{bmatrix} \mathbf{0} & \mathbf{R} \\ \mathbf{R}^\top &
+    \mathbf{0} \end{bmatrix}` (users first, item :math:`i` is node
+    :math:`U + i`) of a user-item matrix given as ``(index, value)``; with
+    :func:`interaction_matrix`'s ``'sym'`` values it is LightGCN's
+    normalised adjacency."""
+    row = torch.cat([index[0], index[1] + num_users])
+    col = torch.cat([index[1] + num_users, index[0]])
+    return torch.stack([row, col]), torch.cat([value, value])
+
+
+def sparse_csr(index: Tensor, value: Tensor, size: Tuple[int, int]) -> Tensor:
+    r"""A ``torch.sparse_csr`` matrix of shape :obj:`size` with entries
+    ``value`` at ``index`` (``index[0]`` the row; duplicates are summed)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='.*Sparse CSR tensor support is in beta.*')
+        coo = torch.sparse_coo_tensor(index, value, size, check_invariants=False)
+        return coo.coalesce().to_sparse_csr()
+
+
+class SparseMatrices:
+    r"""Mixin for a :class:`Recommender` that propagates with
+    ``torch.sparse`` matrices of its own (put it before :class:`Recommender`
+    in the bases). :meth:`register_matrix` stores a matrix as two
+    non-persistent buffers ``<name>_index`` / ``<name>_value`` (they follow
+    ``to(device / dtype)`` and stay out of ``state_dict``); :meth:`matrix`
+    builds its CSR form on first use, cached until :meth:`reset_cache`
+    (called by :class:`Recommender` after every ``to()`` / state-dict load);
+    :meth:`propagate` is :math:`\mathbf{A}\mathbf{X}` with autograd through
+    :math:`\mathbf{X}`."""
+
+    def register_matrix(self, name: str, index: Tensor, value: Tensor,
+                        size: Tuple[int, int]) -> None:
+        self.register_buffer(f'{name}_index', index.long(), persistent=False)
+        self.register_buffer(f'{name}_value', value.float(), persistent=False)
+        sizes = self.__dict__.setdefault('_matrix_sizes', {})
+        sizes[name] = (int(size[0]), int(size[1]))
+        self.reset_cache()
+
+    def matrix(self, name: str) -> Tensor:
+        cache = self.__dict__.setdefault('_matrix_cache', {})
+        if name not in cache:
+            cache[name] = sparse_csr(getattr(self, f'{name}_index'),
+                                     getattr(self, f'{name}_value'),
+                                     self.__dict__['_matrix_sizes'][name])
+        return cache[name]
+
+    def propagate(self, name: str, x: Tensor) -> Tensor:
+        return torch.sparse.mm(self.matrix(name), x)
+
+    def reset_cache(self) -> None:
+        self.__dict__['_matrix_cache'] = {}
+        super().reset_cache()
+
+
+class ModalityGraphRecommender(SparseMatrices, Recommender):
+    r"""Base of the models that read the item modality features and propagate
+    ID embeddings with LightGCN over ``torch.sparse`` matrices of their own
+    (:class:`~crane_pyg.models.MGCN`, :class:`~crane_pyg.models.LGMRec`).
+
+    A subclass validates its options, calls :meth:`_setup` (attributes, the
+    normalised user-item graph ``'adj'``, the ID embeddings
+    ``user_embedding`` / ``item_embedding``) and builds its own modules;
+    :meth:`lightgcn` is the collaborative / ID view and :meth:`extra_repr`
+    lists every option."""
+
+    @classmethod
+    def _args_from_data(cls, data: HeteroData, options: Dict[str, Any]) -> Dict[str, Any]:
+        args = super()._args_from_data(data, options)
+        args['features'] = modality_features(data)
+        return args
+
+    def _setup(self, edge_index: Tensor, features: Mapping[str, Tensor],
+               options: Mapping[str, Any]) -> Tuple[Tensor, Dict[str, Tensor]]:
+        r"""Stores :obj:`options` as attributes, validates the interactions
+        and the features (at least one modality), registers LightGCN's
+        :math:`\mathbf{D}^{-1/2}\mathbf{A}\mathbf{D}^{-1/2}` on the
+        :math:`U + I` nodes as matrix ``'adj'`` and creates the ID embeddings
+        (``options['embedding_dim']`` wide). Returns the checked
+        ``(edge_index, features)``."""
+        owner = type(self).__name__
+        features = check_features(features, self.num_items, owner)
+        require_modalities(owner, features)
+        for key, value in options.items():
+            setattr(self, key, value)
+        self.modalities = list(features)
+        edge_index = self._check_edge_index(edge_index)
+        num_nodes = self.num_users + self.num_items
+        index, value = interaction_matrix(edge_index, self.num_users, self.num_items, 'sym')
+        self.register_matrix('adj', *bipartite_block_matrix(index, value, self.num_users),
+                             (num_nodes, num_nodes))
+        self.user_embedding = nn.Embedding(self.num_users, options['embedding_dim'])
+        self.item_embedding = nn.Embedding(self.num_items, options['embedding_dim'])
+        return edge_index, features
+
+    def lightgcn(self, num_layers: int) -> Tensor:
+        r"""LightGCN's :math:`\frac{1}{L+1}\sum_{l=0}^{L}\hat{\mathbf{A}}^{l}
+        [\mathbf{E}_U; \mathbf{E}_I]`, ``[U + I, d]`` (users first)."""
+        x = torch.cat([self.user_embedding.weight, self.item_embedding.weight])
+        total = x
+        for _ in range(num_layers):
+            x = self.propagate('adj', x)
+            total = total + x
+        return total / (num_layers + 1)
+
+    def extra_repr(self) -> str:
+        shown = [f'{key}={getattr(self, key)!r}' for key in self.options()
+                 if hasattr(self, key)]
+        return ', '.join([super().extra_repr(), f'modalities={self.modalities}'] + shown)

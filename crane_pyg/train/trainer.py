@@ -1015,7 +1015,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     r"""The argument parser of ``examples/train_amazon.py``."""
     parser = argparse.ArgumentParser(
         prog=prog,
-        description='Train a multimodal recommender (CRANE, LightGCN, VBPR, FREEDOM) with '
+        description='Train a multimodal recommender (CRANE, LightGCN, VBPR, FREEDOM, MGCN, '
+                    'LGMRec) with '
                     'the MMRec protocol. Without arguments: CRANE on the embedded synthetic '
                     'dataset.',
         epilog='Configuration layers (later wins): crane_pyg/configs/overall.yaml < '
@@ -1028,7 +1029,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "(default: 'synthetic', the embedded synthetic set)")
     parser.add_argument('--data-root', help='folder holding the dataset folders '
                         '(default: $CRANE_DATA_ROOT or ./data)')
-    parser.add_argument('--model', help='crane, lightgcn, vbpr or freedom (default: crane)')
+    parser.add_argument('--model', help='crane, lightgcn, vbpr, freedom, mgcn or lgmrec '
+                        '(default: crane)')
     parser.add_argument('--config', help='a YAML file with dataset/model/train/grid sections')
     parser.add_argument('--output', help='output directory, locked while the run lasts '
                         '(default: runs/<dataset>-<model>-seed<seed>-<hash>, the hash of the '

@@ -9,7 +9,7 @@ import torch
 from torch_geometric.utils import to_dense_adj
 
 from crane_pyg.data import ITEM, ITEM_ITEM, USER, USER_ITEM
-from crane_pyg.models import CRANE, FREEDOM, MODELS, VBPR, LightGCN, Recommender
+from crane_pyg.models import CRANE, FREEDOM, MGCN, MODELS, VBPR, LGMRec, LightGCN, Recommender
 from crane_pyg.models.base import degree_sensitive_edge_sample, epoch_generator
 from crane_pyg.transforms import ItemKNNGraph
 
@@ -62,7 +62,8 @@ def _knn_matrix(data):
 # ---------------------------------------------------------------------------
 
 def test_registry():
-    assert MODELS == {'crane': CRANE, 'lightgcn': LightGCN, 'vbpr': VBPR, 'freedom': FREEDOM}
+    assert MODELS == {'crane': CRANE, 'lightgcn': LightGCN, 'vbpr': VBPR, 'freedom': FREEDOM,
+                      'mgcn': MGCN, 'lgmrec': LGMRec}
     for cls in MODELS.values():
         assert issubclass(cls, Recommender)
 
@@ -107,7 +108,7 @@ def test_unknown_option_is_an_error(knn_data):
         LightGCN.from_data(knn_data, embeding_dim=8)
 
 
-@pytest.mark.parametrize('cls', [VBPR, FREEDOM, CRANE])
+@pytest.mark.parametrize('cls', [VBPR, FREEDOM, CRANE, MGCN, LGMRec])
 def test_model_without_modalities_is_a_clear_error(synthetic_data, cls):
     data = copy.copy(synthetic_data)
     data.modalities = []

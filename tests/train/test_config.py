@@ -356,12 +356,12 @@ def _packaged_datasets() -> list[str]:
 def test_packaged_files_exist():
     assert set(_packaged_datasets()) >= {'baby', 'sports', 'clothing', 'elec', 'tiktok',
                                          'synthetic'}
-    for model in ('crane', 'lightgcn', 'vbpr', 'freedom'):
+    for model in ('crane', 'lightgcn', 'vbpr', 'freedom', 'mgcn', 'lgmrec'):
         assert (config_module.CONFIG_DIR / 'model' / f'{model}.yaml').is_file()
 
 
 @pytest.mark.parametrize('dataset', _packaged_datasets())
-@pytest.mark.parametrize('model', ['crane', 'lightgcn', 'vbpr', 'freedom'])
+@pytest.mark.parametrize('model', ['crane', 'lightgcn', 'vbpr', 'freedom', 'mgcn', 'lgmrec'])
 def test_packaged_files_are_valid_for_every_model(model, dataset):
     cfg = load_config(model=model, dataset=dataset)
     assert cfg.model_name == model and cfg.dataset.name == dataset
@@ -404,5 +404,5 @@ def test_search_space_from_the_model_file(config_dir, tmp_path):
 
 def test_packaged_search_spaces_give_every_model_the_same_budget():
     sizes = {model: len(expand_grid(config_module.search_space(model)))
-             for model in ('crane', 'lightgcn', 'vbpr', 'freedom')}
+             for model in ('crane', 'lightgcn', 'vbpr', 'freedom', 'mgcn', 'lgmrec')}
     assert len(set(sizes.values())) == 1 and sizes['crane'] > 1, sizes

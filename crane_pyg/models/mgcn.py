@@ -1,0 +1,248 @@
+r"""MGCN (Yu et al., ACM MM 2023): purified modality features, item-item and
+user-item views, and a behaviour-aware fuser."""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from crane_pyg.models.base import (
+    ModalityGraphRecommender,
+    check_float,
+    check_int,
+    interaction_matrix,
+)
+from crane_pyg.nn import BPRLoss, EmbeddingL2, InfoNCE
+from crane_pyg.transforms import knn_adjacency
+
+__all__ = ['MGCN']
+
+
+class MGCN(ModalityGraphRecommender):
+    r"""MGCN from `"Multi-View Graph Convolutional Network for Multimedia
+    Recommendation" <https://arxiv.org/abs/2308.03588>`_, our own code
+    after the paper's description, the equations as MMRec's reference model
+    (``src/models/mgcn.py``) computes them, with the settings of MMRec's
+    ``MGCN.yaml`` and of the authors' release (``demonph10/MGCN``).
+
+    Let :math:`\mathbf{E}_U, \mathbf{E}_I` be the ID embeddings (dimension
+    :math:`d`), :math:`\mathbf{X}_m \in \mathbb{R}^{I \times d_m}` the
+    features of modality :math:`m \in \{1..M\}`, :math:`\hat{\mathbf{A}}`
+    LightGCN's normalised :math:`(U+I)`-node adjacency and
+    :math:`\hat{\mathbf{R}} = \mathbf{D}_U^{-1/2}\mathbf{R}\mathbf{D}_I^{-1/2}`
+    its user-item block.
+
+    **Behaviour-guided purifier.** Each modality is projected and gated by
+    the item ID embedding, keeping only the preference-related part:
+
+    .. math::
+        \dot{\mathbf{X}}_m = \mathbf{X}_m \mathbf{W}_m + \mathbf{b}_m, \qquad
+        \ddot{\mathbf{E}}_{I,m} = \mathbf{E}_I \odot
+        \sigma(\dot{\mathbf{X}}_m \mathbf{W}_{g,m} + \mathbf{b}_{g,m}).
+
+    **Item-item view (per modality).** A kNN graph
+    :math:`\mathbf{S}_m` on the raw features: cosine top-:math:`k` (the item
+    itself included), *cosine-valued*, symmetrically normalised with its row
+    sums, :math:`\hat{S}_m[i,j] = S_m[i,j] / \sqrt{d_i d_j}`
+    (:func:`~crane_pyg.transforms.knn_adjacency` with ``binary=False``), one
+    graph per modality, frozen. Items propagate :math:`L_{mm}` times and
+    users aggregate their items:
+
+    .. math::
+        \mathbf{H}_{I,m} = \hat{\mathbf{S}}_m^{L_{mm}}\ddot{\mathbf{E}}_{I,m},
+        \qquad \mathbf{H}_{U,m} = \hat{\mathbf{R}}\mathbf{H}_{I,m}, \qquad
+        \mathbf{H}_m = [\mathbf{H}_{U,m}; \mathbf{H}_{I,m}].
+
+    **User-item (ID) view.** LightGCN, mean over layers :math:`0..L_{ui}`:
+    :math:`\bar{\mathbf{E}} = \frac{1}{L_{ui}+1}\sum_{l=0}^{L_{ui}}
+    \hat{\mathbf{A}}^l [\mathbf{E}_U; \mathbf{E}_I]`.
+
+    **Behaviour-aware fuser.** Attention over the modalities gives the
+    modality-shared part, the rest of each modality is its specific part,
+    gated by the node's behaviour (ID-view) representation:
+
+    .. math::
+        \alpha_m = \operatorname{softmax}_m\big(\mathbf{q}^\top
+        \tanh(\mathbf{W}_q \mathbf{h}_m + \mathbf{b}_q)\big), \qquad
+        \mathbf{h}^{c} = \sum_m \alpha_m \mathbf{h}_m, \qquad
+        \tilde{\mathbf{h}}_m = \sigma(\mathbf{W}_{p,m}\bar{\mathbf{e}} +
+        \mathbf{b}_{p,m}) \odot (\mathbf{h}_m - \mathbf{h}^{c}),
+
+    .. math::
+        \mathbf{h}^{side} = \frac{1}{M+1}\Big(\mathbf{h}^{c} + \sum_m
+        \tilde{\mathbf{h}}_m\Big), \qquad
+        \mathbf{e} = \bar{\mathbf{e}} + \mathbf{h}^{side}, \qquad
+        s(u, i) = \langle \mathbf{e}_u, \mathbf{e}_i \rangle.
+
+    **Loss.** For a batch of :math:`B` triples,
+
+    .. math::
+        \mathcal{L} = \mathrm{BPR}(\mathbf{e}_u, \mathbf{e}_{i^+},
+        \mathbf{e}_{i^-}) + \lambda_{cl}\big(\mathrm{NCE}(\mathbf{h}^{side}_{i^+},
+        \bar{\mathbf{e}}_{i^+}) + \mathrm{NCE}(\mathbf{h}^{side}_{u},
+        \bar{\mathbf{e}}_{u})\big) + \frac{\lambda}{2B}\big(\lVert
+        \mathbf{e}_u\rVert^2 + \lVert\mathbf{e}_{i^+}\rVert^2 +
+        \lVert\mathbf{e}_{i^-}\rVert^2\big),
+
+    :math:`\mathrm{NCE}` the one-directional in-batch InfoNCE of
+    :class:`~crane_pyg.nn.InfoNCE` (cosine, temperature :math:`\tau`) over
+    the batch's rows as they come (a user or item drawn twice is its own
+    negative, as in MMRec).
+
+    **Defaults and their sources.** ``embedding_dim=64``,
+    ``num_ui_layers=2``, ``num_mm_layers=1`` (``n_layers``), ``knn_k=10``,
+    ``reg_weight=1e-4``, ``temperature=0.2``: MMRec's ``MGCN.yaml`` and
+    model file; ``cl_weight=0.01``: the authors' ``MGCN.yaml`` (MMRec
+    searches ``cl_loss`` in {0.001, 0.01, 0.1}); ``tune_features=True``:
+    MMRec fine-tunes the raw features (``from_pretrained(freeze=False)``).
+    Initialisation as MMRec: Xavier-uniform ID embeddings, PyTorch's default
+    for the linear layers.
+
+    **Deviations.** (1) Any number :math:`M \geq 1` of modalities (the paper
+    and MMRec hard-code image + text; for :math:`M = 2` the formulas above
+    are theirs, the :math:`1/(M+1)` being their :math:`1/3`). (2) MMRec
+    decays the learning rate by :math:`0.96` every 50 epochs
+    (``learning_rate_scheduler: [0.96, 50]``); our trainer has no scheduler,
+    so the rate stays constant (a factor :math:`\geq 0.92` over the first 100
+    epochs). (3) The L2 term divides by the batch's size, MMRec by the
+    configured batch size (they differ only on an epoch's last batch). (4)
+    Negative cosine similarities among the :math:`k` nearest neighbours are
+    dropped from :math:`\mathbf{S}_m` (MMRec keeps them; with the item itself
+    among its neighbours they are rare).
+
+    Args:
+        num_users (int), num_items (int): :math:`U` and :math:`I`.
+        edge_index (Tensor): the ``[2, E]`` training pairs (users in row 0).
+        features (Mapping[str, Tensor]): one ``[I, d_m]`` tensor per modality
+            (one modality at least).
+        embedding_dim (int): :math:`d`. (default: ``64``)
+        num_ui_layers (int): :math:`L_{ui}`, LightGCN layers of the ID view.
+            (default: ``2``)
+        num_mm_layers (int): :math:`L_{mm}`, item-item layers of the modality
+            views. (default: ``1``)
+        knn_k (int): neighbours per item of each modality's kNN graph.
+            (default: ``10``)
+        cl_weight (float): :math:`\lambda_{cl}`. (default: ``0.01``)
+        temperature (float): :math:`\tau` of the InfoNCE terms.
+            (default: ``0.2``)
+        reg_weight (float): :math:`\lambda`, L2 on the batch's final
+            representations. (default: ``1e-4``)
+        tune_features (bool): train the raw features :math:`\mathbf{X}_m`
+            too (MMRec does). (default: :obj:`True`)
+    """
+
+    def __init__(self, num_users: int, num_items: int, edge_index: Tensor,
+                 features: Mapping[str, Tensor], *, embedding_dim: int = 64,
+                 num_ui_layers: int = 2, num_mm_layers: int = 1, knn_k: int = 10,
+                 cl_weight: float = 0.01, temperature: float = 0.2,
+                 reg_weight: float = 1e-4, tune_features: bool = True) -> None:
+        super().__init__(num_users, num_items)
+        owner = type(self).__name__
+        check_int(owner, 'embedding_dim', embedding_dim, 1)
+        check_int(owner, 'knn_k', knn_k, 1)
+        for option, value in (('num_ui_layers', num_ui_layers),
+                              ('num_mm_layers', num_mm_layers)):
+            check_int(owner, option, value, 0)
+        for option, value in (('cl_weight', cl_weight), ('reg_weight', reg_weight)):
+            check_float(owner, option, value)
+        check_float(owner, 'temperature', temperature, 1e-6)
+        if knn_k >= num_items:
+            raise ValueError(f"{owner}: 'knn_k' must be smaller than the number of "
+                             f"items ({num_items}), got {knn_k}")
+        edge_index, features = self._setup(edge_index, features, dict(
+            embedding_dim=embedding_dim, num_ui_layers=num_ui_layers,
+            num_mm_layers=num_mm_layers, knn_k=knn_k, cl_weight=float(cl_weight),
+            temperature=float(temperature), reg_weight=float(reg_weight),
+            tune_features=bool(tune_features)))
+
+        # the modality views: R-hat (users aggregate items), one kNN graph per modality
+        index, value = interaction_matrix(edge_index, num_users, num_items, 'sym')
+        self.register_matrix('ui', index, value, (num_users, num_items))
+        dims = []
+        for m, x in enumerate(features.values()):
+            # knn_adjacency stores S[i, j] as the edge (j, i): flip to rows.
+            knn_index, knn_value = knn_adjacency([x.float()], knn_k, binary=False,
+                                                 normalize='sym')
+            self.register_matrix(f'knn_{m}', knn_index.flip(0), knn_value,
+                                 (num_items, num_items))
+            self.register_buffer(f'raw_feature_{m}', x.detach().float(), persistent=False)
+            dims.append(int(x.size(1)))
+        self.features = nn.ParameterList(
+            [nn.Parameter(x.detach().float().clone()) for x in features.values()]
+            if self.tune_features else [])
+        d = embedding_dim
+        self.feature_proj = nn.ModuleList(nn.Linear(dim, d) for dim in dims)
+        self.purifier = nn.ModuleList(nn.Linear(d, d) for _ in dims)
+        self.preference = nn.ModuleList(nn.Linear(d, d) for _ in dims)
+        self.attention = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, 1, bias=False))
+        self.bpr = BPRLoss()
+        self.nce = InfoNCE(temperature, symmetric=False)
+        self.l2 = EmbeddingL2('squared')
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        r"""Xavier-uniform ID embeddings, PyTorch's default for the linear
+        layers (as MMRec), tuned features back to the raw ones."""
+        nn.init.xavier_uniform_(self.user_embedding.weight)
+        nn.init.xavier_uniform_(self.item_embedding.weight)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+        with torch.no_grad():
+            for m, param in enumerate(self.features):
+                param.copy_(getattr(self, f'raw_feature_{m}'))
+        self.reset_cache()
+
+    # ------------------------------------------------------------------
+    def _feature(self, m: int) -> Tensor:
+        return self.features[m] if self.tune_features else getattr(self, f'raw_feature_{m}')
+
+    def purified(self, m: int) -> Tensor:
+        r""":math:`\ddot{\mathbf{E}}_{I,m} = \mathbf{E}_I \odot
+        \sigma(\dot{\mathbf{X}}_m \mathbf{W}_{g,m} + \mathbf{b}_{g,m})`, ``[I, d]``."""
+        projected = self.feature_proj[m](self._feature(m))
+        return self.item_embedding.weight * torch.sigmoid(self.purifier[m](projected))
+
+    def modality_view(self, m: int) -> Tensor:
+        r""":math:`\mathbf{H}_m = [\hat{\mathbf{R}}\mathbf{H}_{I,m};
+        \mathbf{H}_{I,m}]`, ``[U + I, d]``."""
+        h = self.purified(m)
+        for _ in range(self.num_mm_layers):
+            h = self.propagate(f'knn_{m}', h)
+        return torch.cat([self.propagate('ui', h), h])
+
+    def fuse(self, views: List[Tensor], behaviour: Tensor) -> Tensor:
+        r""":math:`\mathbf{h}^{side}` from the modality views
+        :math:`\mathbf{H}_m` and the ID view :math:`\bar{\mathbf{E}}`."""
+        stacked = torch.stack(views, dim=1)                      # [N, M, d]
+        weight = torch.softmax(self.attention(stacked), dim=1)   # [N, M, 1]
+        common = (weight * stacked).sum(dim=1)
+        side = common
+        for m, view in enumerate(views):
+            side = side + torch.sigmoid(self.preference[m](behaviour)) * (view - common)
+        return side / (len(views) + 1)
+
+    def _forward(self) -> Tuple[Tensor, Tensor]:
+        behaviour = self.lightgcn(self.num_ui_layers)
+        views = [self.modality_view(m) for m in range(len(self.modalities))]
+        return behaviour, self.fuse(views, behaviour)
+
+    def embeddings(self) -> Tuple[Tensor, Tensor]:
+        behaviour, side = self._forward()
+        return (behaviour + side).split([self.num_users, self.num_items])
+
+    def loss(self, users: Tensor, pos_items: Tensor,
+             neg_items: Tensor) -> Tuple[Tensor, Dict[str, float]]:
+        self._check_batch(users, pos_items, neg_items)
+        behaviour, side = self._forward()
+        user_emb, item_emb = (behaviour + side).split([self.num_users, self.num_items])
+        u = user_emb.index_select(0, users)
+        pos, neg = item_emb.index_select(0, pos_items), item_emb.index_select(0, neg_items)
+        bpr = self.bpr((u * pos).sum(-1), (u * neg).sum(-1))
+        reg = self.reg_weight * self.l2(u, pos, neg)
+        item_nodes = pos_items + self.num_users
+        cl = self.cl_weight * (
+            self.nce(side.index_select(0, item_nodes), behaviour.index_select(0, item_nodes))
+            + self.nce(side.index_select(0, users), behaviour.index_select(0, users)))
+        return bpr + reg + cl, {'bpr': bpr.item(), 'reg': reg.item(), 'cl': cl.item()}
