@@ -193,6 +193,12 @@ class TrainConfig:
             seconds of compilation at the start (23 s on 2 CPU cores with a
             cold cache, 4 s warm) and needs a C++ compiler (CPU) or Triton (CUDA).
             (default: :obj:`False`)
+        precision (str): ``'fp32'``, ``'bf16'`` (autocast of the dense
+            parts: encoders, RCA, InfoNCE, the evaluation's embeddings; the
+            sparse propagation, the weights, Adam and the ranking scores stay
+            float32) or ``'tf32'`` (CUDA: TensorFloat-32 products). Where the
+            device lacks the format the run falls back to float32 with one
+            warning (:mod:`crane_pyg.train.precision`). (default: ``'fp32'``)
         logger (str): where the per-epoch loss parts and validation metrics
             go besides ``history.jsonl``: ``'csv'`` (``metrics.csv``, one
             row per epoch) or ``'tensorboard'`` (event files in
@@ -216,6 +222,7 @@ class TrainConfig:
     flush_denormal: bool = True
     num_neighbors: Union[tuple[int, ...], None] = None
     compile: bool = False
+    precision: Literal['fp32', 'bf16', 'tf32'] = 'fp32'
     logger: Literal['csv', 'tensorboard'] = 'csv'
 
     def __post_init__(self) -> None:

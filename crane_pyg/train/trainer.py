@@ -97,6 +97,11 @@ GRID_SUMMARY = 'grid_summary'
 RESUMABLE_CHANGES = ('train.epochs', 'train.patience', 'train.device', 'train.eval_batch_size',
                      'train.num_threads', 'train.compile', 'train.logger')
 
+#: options added after runs existed: at these values they count as absent
+#: in the run name's hash and in a resume's configuration check, so older run
+#: folders keep their names and older checkpoints stay resumable
+LATER_DEFAULTS = {'train.precision': 'fp32'}
+
 Callback = Callable[['Trainer', dict], None]
 
 
@@ -230,6 +235,13 @@ class Trainer:
         self.sampler = BPRSampler(store.edge_index, self.num_users, self.num_items,
                                   seed=config.seed, device=self.device,
                                   rank=self.rank, world_size=self.world_size)
+        from .precision import resolve_precision
+        #: the precision used (``config.precision``, or ``'fp32'`` where the
+        #: device lacks it: :mod:`crane_pyg.train.precision`)
+        self.precision = resolve_precision(config.precision, self.device)
+        if self.precision != 'fp32' and not self.quiet:
+            self._log(f'train.precision: {self.precision} (dense parts; sparse propagation, '
+                      f'weights and Adam in float32)')
         if config.compile:
             compiled = self.model.compile_modules()
             problem = compile_support_problem(self.device) if compiled else None
@@ -299,7 +311,8 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            embeddings = self.model.embeddings()
+            with self._autocast():  # the ranking scores stay float32
+                embeddings = tuple(e.float() for e in self.model.embeddings())
 
             def score(users: Tensor) -> Tensor:
                 return self.model.score_all_items(users, embeddings)
@@ -361,6 +374,10 @@ class Trainer:
             raise CheckpointError(f'{path} belongs to another configuration ({details}); '
                                   f'use another output directory or drop --resume')
 
+    def _autocast(self):
+        from .precision import autocast
+        return autocast(self.precision, self.device)
+
     def _log(self, line: str) -> None:
         if self.is_main:
             self.log(line)
@@ -389,7 +406,8 @@ class Trainer:
         try:
             for step, (users, pos, neg) in enumerate(bar):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss, parts = self.train_model(users, pos, neg)  # == model.loss
+                with self._autocast():
+                    loss, parts = self.train_model(users, pos, neg)  # == model.loss
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise FloatingPointError(
@@ -628,6 +646,7 @@ class Trainer:
             'peak_memory_mb': peak,
             'peak_memory_source': source,
             'device': str(self.device),
+            'precision': self.precision,
             'world_size': self.world_size,
             'num_parameters': sum(p.numel() for p in self.model.parameters()),
             'data': {'users': self.num_users, 'items': self.num_items,
@@ -660,7 +679,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
     for key, value in tree.items():
         if isinstance(value, Mapping) and key in ('dataset', 'model', 'train', 'grid'):
             out.update(_flatten(value, f'{prefix}{key}.'))
-        else:
+        elif LATER_DEFAULTS.get(f'{prefix}{key}', ...) != value:
             out[f'{prefix}{key}'] = value
     return out
 
