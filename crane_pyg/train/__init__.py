@@ -10,6 +10,7 @@ from .distributed import (DistributedContext, destroy_distributed, evaluate_shar
                           init_distributed)
 from .minibatch import (MiniBatchCRANE, MiniBatchLightGCN, UserItemSubgraphSampler,
                         minibatch_loss_module)
+from .semantic_cache import CachedSemanticCRANE
 from .trainer import (DatasetNotFoundError, Trainer, build_parser, format_metrics_table,
                       load_dataset, main, plot_curves, run_experiment, run_grid, run_single)
 
@@ -44,4 +45,5 @@ __all__ = [
     'MiniBatchCRANE',
     'minibatch_loss_module',
     'UserItemSubgraphSampler',
+    'CachedSemanticCRANE',
 ]

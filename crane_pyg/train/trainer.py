@@ -100,7 +100,7 @@ RESUMABLE_CHANGES = ('train.epochs', 'train.patience', 'train.device', 'train.ev
 #: options added after runs existed: at these values they count as absent
 #: in the run name's hash and in a resume's configuration check, so older run
 #: folders keep their names and older checkpoints stay resumable
-LATER_DEFAULTS = {'train.precision': 'fp32'}
+LATER_DEFAULTS = {'train.precision': 'fp32', 'train.semantic_cache': None}
 
 Callback = Callable[['Trainer', dict], None]
 
@@ -156,7 +156,11 @@ class Trainer:
             :func:`~crane_pyg.train.minibatch.minibatch_loss_module`'s
             (:class:`~crane_pyg.train.minibatch.MiniBatchCRANE` for CRANE,
             :class:`~crane_pyg.train.minibatch.MiniBatchLightGCN` for
-            LightGCN; :class:`TypeError` for the other models).
+            LightGCN; :class:`TypeError` for the other models), or, when
+            ``config.semantic_cache`` is set,
+            :class:`~crane_pyg.train.semantic_cache.CachedSemanticCRANE`
+            (CRANE only). A loss module with an ``on_epoch_start(epoch)``
+            method has it called after the model's.
     """
 
     def __init__(
@@ -257,6 +261,10 @@ class Trainer:
         if loss_module is None and config.num_neighbors is not None:
             from .minibatch import minibatch_loss_module  # TypeError: not CRANE/LightGCN
             loss_module = minibatch_loss_module(self.model, config.num_neighbors)
+        if loss_module is None and config.semantic_cache is not None:
+            from .semantic_cache import CachedSemanticCRANE  # TypeError: not CRANE
+            loss_module = CachedSemanticCRANE(self.model, config.semantic_cache)
+        self._loss_module = loss_module
         #: the module called for the training loss (``model`` or ``loss_module``,
         #: wrapped in DDP when distributed)
         self.train_model: torch.nn.Module = (self.model if loss_module is None
@@ -397,6 +405,9 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> tuple[float, dict[str, float]]:
         self.model.train()
         self.model.on_epoch_start(epoch)
+        if self._loss_module is not self.model and hasattr(self._loss_module, 'on_epoch_start'):
+            # the semantic cache (train.semantic_cache)
+            self._loss_module.on_epoch_start(epoch)
         batch_size = self.config.batch_size // self.world_size  # per rank
         total, parts_sum, count = 0.0, {}, 0
         bar = tqdm(self.sampler.batches(epoch, batch_size),
