@@ -63,19 +63,25 @@ def synchronize(device: torch.device) -> None:
 
 def train_epoch(model: Any, optimizer: torch.optim.Optimizer, sampler: Any, epoch: int,
                 batch_size: int, device: torch.device,
-                max_batches: Optional[int] = None, precision: str = 'fp32') -> Dict[str, Any]:
+                max_batches: Optional[int] = None, precision: str = 'fp32',
+                loss_module: Any = None) -> Dict[str, Any]:
     r"""One training epoch as :class:`~crane_pyg.train.Trainer` runs it:
     ``on_epoch_start``, then for every batch of the BPR sampler (sampling
     included) ``zero_grad``, ``loss`` (under :obj:`precision`'s autocast,
     :mod:`crane_pyg.train.precision`, as the Trainer does), ``backward`` and an
     optimizer step; only the first :obj:`max_batches` batches when given.
     Returns the wall time (``'seconds'``, device synchronised) and
-    ``'batches'`` run."""
+    ``'batches'`` run. :obj:`loss_module` (e.g.
+    :class:`~crane_pyg.train.CachedSemanticCRANE`) replaces ``model.loss``
+    and has its ``on_epoch_start`` called after the model's."""
     from crane_pyg.train.precision import autocast
+    loss_fn = model.loss if loss_module is None else loss_module
     model.train()
     synchronize(device)
     start = time.perf_counter()
     model.on_epoch_start(epoch)
+    if loss_module is not None and hasattr(loss_module, 'on_epoch_start'):
+        loss_module.on_epoch_start(epoch)
     done = 0
     for users, pos, neg in sampler.batches(epoch, batch_size):
         if done == max_batches:
@@ -83,7 +89,7 @@ def train_epoch(model: Any, optimizer: torch.optim.Optimizer, sampler: Any, epoc
         users, pos, neg = users.to(device), pos.to(device), neg.to(device)
         optimizer.zero_grad(set_to_none=True)
         with autocast(precision, device):
-            loss, _ = model.loss(users, pos, neg)
+            loss, _ = loss_fn(users, pos, neg)
         loss.backward()
         optimizer.step()
         done += 1

@@ -28,7 +28,11 @@ as the peak memory:
    (labelled ``extrapolated``); without it every round runs the whole epoch
    (``time_s`` the median over rounds of the measured epochs). Each
    setting's ``ratio_to_freedom`` is its epoch time over FREEDOM's in
-   float32. ``train_epoch`` repeats CRANE's entry in the first precision
+   float32. With ``--semantic-cache T``, ``crane-cache`` is CRANE's loss with
+   ``train.semantic_cache = T`` (:mod:`crane_pyg.train.semantic_cache`; the
+   model ``crane``'s weights): its cache refresh is timed apart
+   (``refresh_s``) and its epoch adds ``ceil(num_batches / T)`` refreshes
+   (the timed steps do not refresh). ``train_epoch`` repeats CRANE's entry in the first precision
    (the stage of earlier versions of this script);
 3. one full-ranking evaluation of CRANE (first precision;
    :class:`~crane_pyg.metrics.FullRankingEvaluator`, validation split, all
@@ -92,6 +96,9 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument('--warmup-batches', type=int, default=1,
                         help='untimed steps per round before the timed ones, with '
                              '--max-batches (default: %(default)s)')
+    parser.add_argument('--semantic-cache', type=int, default=None, metavar='T',
+                        help='also time crane-cache: CRANE with train.semantic_cache=T (the '
+                             'model crane\'s weights; needs crane in --models)')
     parser.add_argument('--threads', type=int, default=None,
                         help='torch CPU threads (default: torch\'s default)')
     args = parser.parse_args(argv)
@@ -102,6 +109,10 @@ def main(argv=None) -> Dict[str, Any]:
         parser.error(f'--models: choose from {list(MODEL_NAMES)}, got {args.models!r}')
     if not precisions or set(precisions) - set(PRECISIONS):
         parser.error(f'--precisions: choose from {list(PRECISIONS)}, got {args.precisions!r}')
+    if args.semantic_cache is not None:
+        if 'crane' not in names or args.semantic_cache < 1:
+            parser.error('--semantic-cache needs crane in --models and T >= 1')
+        names.insert(names.index('crane') + 1, 'crane-cache')
     if args.rounds < 1 or args.warmup_batches < 0:
         parser.error('--rounds must be >= 1 and --warmup-batches >= 0')
 
@@ -172,6 +183,8 @@ def main(argv=None) -> Dict[str, Any]:
     models, optimizers, built = {}, {}, {}
     t0 = time.perf_counter()
     for name in names:
+        if name == 'crane-cache':
+            continue
         t1 = time.perf_counter()
         torch.manual_seed(args.seed)
         models[name] = builders[name]().to(device)
@@ -181,6 +194,12 @@ def main(argv=None) -> Dict[str, Any]:
                        'peak_memory_after': peak_memory_mb(device)}
     stage_done('build_model', time.perf_counter() - t0,
                parameters=built[names[0]]['parameters'], models=built)
+    losses = {name: models[name].loss for name in models}
+    if args.semantic_cache is not None:
+        from crane_pyg.train.semantic_cache import CachedSemanticCRANE
+        models['crane-cache'], optimizers['crane-cache'] = models['crane'], optimizers['crane']
+        losses['crane-cache'] = CachedSemanticCRANE(models['crane'], args.semantic_cache)
+    refreshes: Dict[str, list] = {}
 
     # -- training epochs, side by side and interleaved ----------------------
     sampler = BPRSampler(edge_index, U, I, seed=args.seed, device=device)
@@ -205,20 +224,31 @@ def main(argv=None) -> Dict[str, Any]:
             batch = next(batches)
             synchronize(device)
             starts[key].append(time.perf_counter() - t0)
+            loss_fn = losses[name]
+            if name == 'crane-cache':  # the epoch's first refresh, timed apart
+                loss_fn.on_epoch_start(rnd)
+                t0 = time.perf_counter()
+                with autocast(used[precision], device):
+                    loss_fn.refresh()
+                synchronize(device)
+                refreshes.setdefault(key, []).append(time.perf_counter() - t0)
             for k in range(warmup + timed):
                 t1 = time.perf_counter()
                 if k > 0:
                     batch = next(batches)
                 users, pos, neg = (t.to(device) for t in batch)
                 opt.zero_grad(set_to_none=True)
+                if name == 'crane-cache':  # refreshes within the timed steps: none
+                    loss_fn._refreshed_at = loss_fn._step
                 with autocast(used[precision], device):
-                    loss, _ = model.loss(users, pos, neg)
+                    loss, _ = loss_fn(users, pos, neg)
                 loss.backward()
                 opt.step()
                 synchronize(device)
                 if k >= warmup:
                     steps[key].append(time.perf_counter() - t1)
-            epochs[key].append(starts[key][-1] + sum(steps[key][-timed:]))
+            epochs[key].append(starts[key][-1] + sum(steps[key][-timed:])
+                               + sum(refreshes.get(key, [0.0])[-1:]))
             print(f'round {rnd} {key:18s} epoch start {starts[key][-1]:.2f} s, '
                   f'median step {1000 * statistics.median(steps[key][-timed:]):.0f} ms',
                   flush=True)
@@ -231,16 +261,27 @@ def main(argv=None) -> Dict[str, Any]:
                  'requested_precision': precision, 'num_batches': num_batches,
                  'epoch_start_s': start, 'seconds_per_batch': step['median'],
                  'step_seconds': step, 'rounds': args.rounds, 'extrapolated': not full}
+        extra_refresh = 0.0
+        if key in refreshes:  # the cache: a refresh at the epoch start and every T steps
+            refresh = statistics.median(refreshes[key])
+            count = -(-num_batches // args.semantic_cache)  # ceil
+            extra_refresh = count * refresh
+            entry.update(refresh_s=refresh, refreshes_per_epoch=count,
+                         refresh_every=args.semantic_cache)
         if full:
-            entry.update(time_s=statistics.median(epochs[key]), epoch_seconds=epochs[key],
+            entry.update(time_s=statistics.median(epochs[key]) + extra_refresh
+                         - (refresh if key in refreshes else 0.0),
+                         epoch_seconds=epochs[key],
                          method='measured epochs (epoch start + every step), median '
                                 'over rounds')
         else:
-            entry.update(time_s=start + num_batches * step['median'],
+            entry.update(time_s=start + num_batches * step['median'] + extra_refresh,
                          measured_batches=timed * args.rounds, warmup_batches=warmup,
                          measured_time_s=sum(starts[key]) + sum(steps[key]),
                          method='epoch_start_s + num_batches x the median timed step '
-                                '(untimed warm-up steps first in each round)')
+                                '(untimed warm-up steps first in each round)'
+                                + (' + refreshes_per_epoch x refresh_s' if key in refreshes
+                                   else ''))
         side[key] = entry
     reference = side.get(f'freedom/{precisions[0]}') if 'fp32' not in precisions \
         else side.get('freedom/fp32')

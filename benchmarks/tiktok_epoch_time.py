@@ -18,8 +18,11 @@ reported apart as ``compile_seconds``. A suffix ``-bf16`` (or ``-tf32``) runs a
 setting with that ``train.precision`` (:mod:`crane_pyg.train.precision`: the
 loss under autocast, the sparse propagation in float32; the validation's
 embeddings under autocast, its scores in float32), e.g. ``crane-bf16``,
-``crane-compiled-bf16``, ``freedom-bf16``; every ``crane*`` setting gets a
-ratio to ``freedom`` (float32).
+``crane-compiled-bf16``, ``freedom-bf16``; a part ``-cache<T>`` runs CRANE's
+loss with ``train.semantic_cache = T`` (:mod:`crane_pyg.train.semantic_cache`;
+its refreshes are inside the timed epoch), e.g. ``crane-cache50``,
+``crane-cache50-bf16``; every ``crane*`` setting gets a ratio to ``freedom``
+(float32).
 
 ``--breakdown`` adds where the time of one training step goes (milliseconds,
 median of repeated calls on one batch): each part of CRANE timed alone,
@@ -44,6 +47,7 @@ Writes ``benchmarks/results/tiktok_epoch_time.json`` and ``.png``.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import warnings
@@ -78,11 +82,19 @@ def precision_of(name: str) -> str:
     return 'fp32'
 
 
+def cache_of(name: str) -> int | None:
+    r"""``T`` of a ``-cache<T>`` part of the setting :obj:`name`
+    (``train.semantic_cache = T``), else :obj:`None`."""
+    match = re.search(r'-cache(\d+)', name)
+    return int(match.group(1)) if match else None
+
+
 def model_of(name: str) -> str:
     r"""The :data:`MODELS` key of the setting :obj:`name` (without its
-    precision suffix)."""
+    precision suffix and ``-cache<T>`` part)."""
     precision = precision_of(name)
-    return name if precision == 'fp32' else name[:-len(precision) - 1]
+    name = name if precision == 'fp32' else name[:-len(precision) - 1]
+    return re.sub(r'-cache\d+', '', name)
 
 
 def is_compiled(name: str) -> bool:
@@ -138,7 +150,9 @@ def main(argv: List[str] | None = None) -> int:
     if args.breakdown_repeats < 3:
         parser.error('--breakdown-repeats must be >= 3 (the median of at least 3 calls)')
     names = [n.strip() for n in args.models.split(',') if n.strip()]
-    unknown = sorted(n for n in names if model_of(n) not in MODELS)
+    unknown = sorted(n for n in names if model_of(n) not in MODELS
+                     or (cache_of(n) is not None and not n.startswith('crane'))
+                     or cache_of(n) == 0)
     if unknown:
         parser.error(f'unknown model(s) {unknown}; choose from {sorted(MODELS)}, each with '
                      f'an optional precision suffix {list(PRECISION_SUFFIXES)}')
@@ -154,9 +168,12 @@ def main(argv: List[str] | None = None) -> int:
     sampler = BPRSampler.from_data(data, seed=args.seed)
     evaluator = FullRankingEvaluator(data, split='valid', ks=(20,), batch_size=4096,
                                      device=device)
-    models, optimizers = {}, {}
+    models, optimizers, losses = {}, {}, {}
     for name in names:
         models[name], optimizers[name] = build_model(name, data, args.seed, device)
+        if cache_of(name) is not None:
+            from crane_pyg.train.semantic_cache import CachedSemanticCRANE
+            losses[name] = CachedSemanticCRANE(models[name], cache_of(name))
 
     epochs: Dict[str, List[float]] = {n: [] for n in names}
     warmup: Dict[str, List[float]] = {n: [] for n in names}
@@ -164,7 +181,8 @@ def main(argv: List[str] | None = None) -> int:
     for epoch in range(args.warmup + args.epochs):
         for name in names:  # interleaved: every model sees the same machine state
             out = train_epoch(models[name], optimizers[name], sampler, epoch,
-                              args.batch_size, device, precision=used[name])
+                              args.batch_size, device, precision=used[name],
+                              loss_module=losses.get(name))
             num_batches = out['batches']
             (epochs if epoch >= args.warmup else warmup)[name].append(out['seconds'])
             print(f'epoch {epoch} {name:14s} {out["seconds"]:7.2f} s'
@@ -185,6 +203,7 @@ def main(argv: List[str] | None = None) -> int:
         'models': {name: {'options': ('defaults, compile_modules()' if is_compiled(name)
                                       else 'defaults'),
                           'precision': used[name],
+                          'semantic_cache': cache_of(name),
                           'epoch_seconds': epoch_seconds[name],
                           'ms_per_batch': 1000 * median[name] / num_batches,
                           'validation': valid[name]}

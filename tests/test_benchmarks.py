@@ -256,7 +256,7 @@ def test_tiktok_epoch_time_precision_settings(synthetic_root, tmp_path):
     out = tmp_path / 't.json'
     assert tiktok_epoch_time.main([
         '--data-root', str(synthetic_root.parent), '--dataset', synthetic_root.name,
-        '--models', 'crane,crane-bf16,freedom', '--epochs', '3', '--warmup', '0',
+        '--models', 'crane,crane-bf16,crane-cache2,freedom', '--epochs', '3', '--warmup', '0',
         '--batch-size', '1024', '--breakdown', '--breakdown-repeats', '3',
         '--output', str(out)]) == 0
     saved = json.loads(out.read_text())
@@ -265,6 +265,8 @@ def test_tiktok_epoch_time_precision_settings(synthetic_root, tmp_path):
     assert models['crane']['precision'] == 'fp32'
     assert models['crane-bf16']['precision'] == ('bf16' if bf16 else 'fp32')
     assert 0.0 <= models['crane-bf16']['validation']['recall@20'] <= 1.0
+    assert models['crane-cache2']['semantic_cache'] == 2 and models['crane']['semantic_cache'] is None
+    assert 'ratio_crane_cache2_over_freedom' in saved
     assert saved['ratio_crane_bf16_over_freedom'] == pytest.approx(
         models['crane-bf16']['epoch_seconds']['median']
         / models['freedom']['epoch_seconds']['median'])
@@ -273,3 +275,5 @@ def test_tiktok_epoch_time_precision_settings(synthetic_root, tmp_path):
         assert parts['crane-bf16']['step'] > 0 and parts['crane']['rca_matmul_floor_bf16'] > 0
     with pytest.raises(SystemExit):
         tiktok_epoch_time.main(['--models', 'crane-fp16', '--output', str(out)])
+    with pytest.raises(SystemExit):
+        tiktok_epoch_time.main(['--models', 'freedom-cache2', '--output', str(out)])

@@ -69,13 +69,16 @@ class CachedSemanticCRANE(nn.Module):
         self.refresh_every = int(refresh_every)
         self._cache: Optional[Tensor] = None
         self._step = 0
+        self._refreshed_at = -1  # the step (of the epoch) of the last refresh
         #: refreshes done (for tests and logs)
         self.refreshes = 0
         self.last_stats: Dict[str, int] = {}
 
     def on_epoch_start(self, epoch: int) -> None:
-        r"""Restarts the step count: the next step refreshes the cache."""
+        r"""Restarts the step count: the next step refreshes the cache
+        (unless :meth:`refresh` is called first)."""
         self._step = 0
+        self._refreshed_at = -1
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -88,12 +91,14 @@ class CachedSemanticCRANE(nn.Module):
             self._cache = model.rca(model._encode_items()).float()
         finally:
             model.train(was_training)
+        self._refreshed_at = self._step
         self.refreshes += 1
 
     def forward(self, users: Tensor, pos_items: Tensor,
                 neg_items: Tensor) -> Tuple[Tensor, Dict[str, float]]:
         model = self.model
-        if self._cache is None or self._step % self.refresh_every == 0:
+        if self._cache is None or (self._step % self.refresh_every == 0
+                                   and self._refreshed_at != self._step):
             self.refresh()
         self._step += 1
         model._check_batch(users, pos_items, neg_items)
