@@ -3,19 +3,17 @@ propagation, float32 weights / Adam state / ranking scores, the hardware
 check's fallback, the config key and checkpoint resume."""
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
 import torch
+from conftest import bpr_batch, small_crane
 
-from crane_pyg.data import ITEM, USER_ITEM
-from crane_pyg.models import CRANE, MODELS
+from crane_pyg.models import MODELS
 from crane_pyg.nn.backend import Adjacency
 from crane_pyg.train import ConfigError, TrainConfig, Trainer, load_config, load_checkpoint
 from crane_pyg.train import precision as prec
 from crane_pyg.train.trainer import run_name
-from crane_pyg.transforms import ItemKNNGraph
 
 CPU = torch.device('cpu')
 BF16_OK = prec.bf16_support(CPU)[0]
@@ -27,24 +25,6 @@ needs_bf16 = pytest.mark.skipif(not BF16_OK, reason='this CPU has no native bflo
 EMB_RTOL = 3e-2
 SCORE_RTOL = 3e-2
 LOSS_RTOL = 2e-2
-
-
-@pytest.fixture(scope='module')
-def knn_data(synthetic_data):
-    return ItemKNNGraph(k=10)(copy.copy(synthetic_data))
-
-
-def _crane(data, **options):
-    torch.manual_seed(0)
-    return CRANE.from_data(data, embedding_dim=16, **options)
-
-
-def _batch(data, size=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    edge_index = data[USER_ITEM].edge_index
-    pick = torch.randperm(edge_index.size(1), generator=g)[:size]
-    neg = torch.randint(0, data[ITEM].num_nodes, (size, ), generator=g)
-    return edge_index[0, pick], edge_index[1, pick], neg
 
 
 def _rel(a, b):
@@ -123,8 +103,8 @@ def test_sparse_products_run_in_float32_under_autocast(backend):
 # CRANE: bf16 against fp32 on the same weights
 # ---------------------------------------------------------------------------
 @needs_bf16
-def test_crane_bf16_embeddings_and_scores_within_tolerance(knn_data):
-    model = _crane(knn_data).eval()
+def test_crane_bf16_embeddings_and_scores_within_tolerance(synthetic_knn_data):
+    model = small_crane(synthetic_knn_data).eval()
     with torch.no_grad():
         user, item = model.embeddings()
         with prec.autocast('bf16', CPU):
@@ -142,9 +122,9 @@ def test_crane_bf16_embeddings_and_scores_within_tolerance(knn_data):
 
 
 @needs_bf16
-def test_crane_bf16_loss_within_tolerance_and_gradients_float32(knn_data):
-    model = _crane(knn_data, rca_dropout=0.0).train()
-    users, pos, neg = _batch(knn_data)
+def test_crane_bf16_loss_within_tolerance_and_gradients_float32(synthetic_knn_data):
+    model = small_crane(synthetic_knn_data, rca_dropout=0.0).train()
+    users, pos, neg = bpr_batch(synthetic_knn_data, 128)
     torch.manual_seed(1)
     loss, _ = model.loss(users, pos, neg)
     loss.backward()
@@ -173,7 +153,7 @@ def test_crane_bf16_loss_within_tolerance_and_gradients_float32(knn_data):
 # the Trainer
 # ---------------------------------------------------------------------------
 def _trainer(data, out, precision, **kwargs):
-    model = _crane(data)
+    model = small_crane(data)
     config = TrainConfig(epochs=kwargs.pop('epochs', 2), batch_size=1024, eval_batch_size=128,
                          seed=3, device='cpu', precision=precision)
     return Trainer(model, data, config, out, quiet=True, plot=False, log=lambda line: None,
@@ -181,8 +161,8 @@ def _trainer(data, out, precision, **kwargs):
 
 
 @needs_bf16
-def test_trainer_bf16_keeps_weights_and_adam_state_float32(knn_data, tmp_path):
-    trainer = _trainer(knn_data, tmp_path / 'bf16', 'bf16')
+def test_trainer_bf16_keeps_weights_and_adam_state_float32(synthetic_knn_data, tmp_path):
+    trainer = _trainer(synthetic_knn_data, tmp_path / 'bf16', 'bf16')
     with warnings.catch_warnings():
         warnings.simplefilter('error', prec.PrecisionFallbackWarning)
         results = trainer.fit()
@@ -191,15 +171,15 @@ def test_trainer_bf16_keeps_weights_and_adam_state_float32(knn_data, tmp_path):
     for state in trainer.optimizer.state.values():
         for key in ('exp_avg', 'exp_avg_sq'):
             assert state[key].dtype == torch.float32
-    reference = _trainer(knn_data, tmp_path / 'fp32', 'fp32').fit()
+    reference = _trainer(synthetic_knn_data, tmp_path / 'fp32', 'fp32').fit()
     assert reference['precision'] == 'fp32'
     for k in ('recall@20', 'ndcg@20'):
         assert abs(results['valid'][k] - reference['valid'][k]) < 0.05
 
 
 @needs_bf16
-def test_evaluation_scores_float32_under_bf16(knn_data, tmp_path):
-    trainer = _trainer(knn_data, tmp_path / 'a', 'bf16')
+def test_evaluation_scores_float32_under_bf16(synthetic_knn_data, tmp_path):
+    trainer = _trainer(synthetic_knn_data, tmp_path / 'a', 'bf16')
     seen = []
     original = trainer.model.score_all_items
 
@@ -216,17 +196,17 @@ def test_evaluation_scores_float32_under_bf16(knn_data, tmp_path):
 
 
 @needs_bf16
-def test_bf16_resume_is_exact(knn_data, tmp_path):
-    a = _trainer(knn_data, tmp_path / 'a', 'bf16', epochs=3).fit()
-    _trainer(knn_data, tmp_path / 'b', 'bf16', epochs=3, max_epochs_this_run=2).fit()
+def test_bf16_resume_is_exact(synthetic_knn_data, tmp_path):
+    a = _trainer(synthetic_knn_data, tmp_path / 'a', 'bf16', epochs=3).fit()
+    _trainer(synthetic_knn_data, tmp_path / 'b', 'bf16', epochs=3, max_epochs_this_run=2).fit()
     state = load_checkpoint(tmp_path / 'b' / 'last.pt')
     assert state['config']['train']['precision'] == 'bf16'
-    b = _trainer(knn_data, tmp_path / 'b', 'bf16', epochs=3, resume=True).fit()
+    b = _trainer(synthetic_knn_data, tmp_path / 'b', 'bf16', epochs=3, resume=True).fit()
     assert a['valid'] == b['valid'] and a['best_epoch'] == b['best_epoch']
     # a checkpoint of another precision is another configuration
     from crane_pyg.train import CheckpointError
     with pytest.raises(CheckpointError, match='precision'):
-        _trainer(knn_data, tmp_path / 'b', 'fp32', epochs=4, resume=True).fit()
+        _trainer(synthetic_knn_data, tmp_path / 'b', 'fp32', epochs=4, resume=True).fit()
 
 
 def test_an_old_checkpoint_without_the_key_resumes_as_fp32(synthetic_data, tmp_path):

@@ -3,42 +3,23 @@ loss right after a refresh, trains only the batch's rows through RCA, leaves
 evaluation unchanged and resumes exactly."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
+from conftest import bpr_batch, small_crane
 
-from crane_pyg.data import ITEM, USER_ITEM
-from crane_pyg.models import CRANE, MODELS
+from crane_pyg.data import ITEM
+from crane_pyg.models import MODELS
 from crane_pyg.train import ConfigError, TrainConfig, Trainer, load_config
 from crane_pyg.train.semantic_cache import CachedSemanticCRANE
-from crane_pyg.transforms import ItemKNNGraph
-
-
-@pytest.fixture(scope='module')
-def knn_data(synthetic_data):
-    return ItemKNNGraph(k=10)(copy.copy(synthetic_data))
-
-
-def _crane(data, **options):
-    torch.manual_seed(0)
-    return CRANE.from_data(data, embedding_dim=16, **options)
-
-
-def _batch(data, size=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    edge_index = data[USER_ITEM].edge_index
-    pick = torch.randperm(edge_index.size(1), generator=g)[:size]
-    neg = torch.randint(0, data[ITEM].num_nodes, (size, ), generator=g)
-    return edge_index[0, pick], edge_index[1, pick], neg
 
 
 @pytest.mark.parametrize('options', [{}, {'user_semantic': 'items'},
                                      {'user_semantic': 'profile', 'num_ii_layers': 2}])
-def test_loss_after_a_refresh_equals_the_exact_loss(knn_data, options):
-    model = _crane(knn_data, **options).train()
+def test_loss_after_a_refresh_equals_the_exact_loss(synthetic_knn_data, options):
+    model = small_crane(synthetic_knn_data, **options).train()
     cached = CachedSemanticCRANE(model, refresh_every=5)
-    users, pos, neg = _batch(knn_data)
+    users, pos, neg = bpr_batch(synthetic_knn_data)
     torch.manual_seed(1)
     exact, parts = model.loss(users, pos, neg)
     torch.manual_seed(1)
@@ -47,7 +28,7 @@ def test_loss_after_a_refresh_equals_the_exact_loss(knn_data, options):
     torch.testing.assert_close(value, exact, rtol=1e-5, atol=1e-6)
     assert cached_parts.keys() == parts.keys()
     assert cached.refreshes == 1
-    assert cached.last_stats['fresh_items'] < knn_data[ITEM].num_nodes
+    assert cached.last_stats['fresh_items'] < synthetic_knn_data[ITEM].num_nodes
     # the gradient reaches every parameter the exact one reaches
     value.backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
@@ -56,19 +37,19 @@ def test_loss_after_a_refresh_equals_the_exact_loss(knn_data, options):
     assert with_grad == {n for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_refresh_schedule_and_epoch_start(knn_data):
-    model = _crane(knn_data).train()
+def test_refresh_schedule_and_epoch_start(synthetic_knn_data):
+    model = small_crane(synthetic_knn_data).train()
     cached = CachedSemanticCRANE(model, refresh_every=3)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for step in range(7):
-        loss, _ = cached(*_batch(knn_data, seed=step))
+        loss, _ = cached(*bpr_batch(synthetic_knn_data, seed=step))
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert cached.refreshes == 3  # steps 0, 3, 6
     stale = cached._cache.clone()
     cached.on_epoch_start(1)
-    cached(*_batch(knn_data, seed=9))
+    cached(*bpr_batch(synthetic_knn_data, seed=9))
     assert cached.refreshes == 4 and not torch.equal(stale, cached._cache)
     with torch.no_grad():
         model.eval()
@@ -76,13 +57,13 @@ def test_refresh_schedule_and_epoch_start(knn_data):
     torch.testing.assert_close(cached._cache, fresh)  # no optimizer step since
 
 
-def test_rejects_other_models_and_unsupported_options(knn_data, synthetic_data):
+def test_rejects_other_models_and_unsupported_options(synthetic_knn_data, synthetic_data):
     with pytest.raises(TypeError, match='CRANE only'):
         CachedSemanticCRANE(MODELS['lightgcn'].from_data(synthetic_data))
     with pytest.raises(ValueError, match='precompute_profiles'):
-        CachedSemanticCRANE(_crane(knn_data, precompute_profiles=False))
+        CachedSemanticCRANE(small_crane(synthetic_knn_data, precompute_profiles=False))
     with pytest.raises(ValueError, match='refresh_every'):
-        CachedSemanticCRANE(_crane(knn_data), refresh_every=0)
+        CachedSemanticCRANE(small_crane(synthetic_knn_data), refresh_every=0)
 
 
 def test_config_key():
@@ -94,27 +75,27 @@ def test_config_key():
 
 
 def _trainer(data, out, **kwargs):
-    model = _crane(data)
+    model = small_crane(data)
     config = TrainConfig(epochs=kwargs.pop('epochs', 2), batch_size=1024, eval_batch_size=128,
                          seed=3, device='cpu', semantic_cache=kwargs.pop('semantic_cache', 2))
     return Trainer(model, data, config, out, quiet=True, plot=False, log=lambda line: None,
                    **kwargs)
 
 
-def test_evaluation_with_the_cache_is_evaluation_without(knn_data, tmp_path):
-    trainer = _trainer(knn_data, tmp_path / 'a')
+def test_evaluation_with_the_cache_is_evaluation_without(synthetic_knn_data, tmp_path):
+    trainer = _trainer(synthetic_knn_data, tmp_path / 'a')
     assert isinstance(trainer.train_model, CachedSemanticCRANE)
     trainer.fit()
     assert trainer.train_model.refreshes > 0
     with_cache = trainer.evaluate('valid')
-    plain = Trainer(trainer.model, knn_data, TrainConfig(device='cpu', eval_batch_size=128),
+    plain = Trainer(trainer.model, synthetic_knn_data, TrainConfig(device='cpu', eval_batch_size=128),
                     tmp_path / 'b', quiet=True, plot=False)
     assert plain.train_model is trainer.model
     assert plain.evaluate('valid') == with_cache
 
 
-def test_resume_with_the_cache_is_exact(knn_data, tmp_path):
-    a = _trainer(knn_data, tmp_path / 'a', epochs=3).fit()
-    _trainer(knn_data, tmp_path / 'b', epochs=3, max_epochs_this_run=2).fit()
-    b = _trainer(knn_data, tmp_path / 'b', epochs=3, resume=True).fit()
+def test_resume_with_the_cache_is_exact(synthetic_knn_data, tmp_path):
+    a = _trainer(synthetic_knn_data, tmp_path / 'a', epochs=3).fit()
+    _trainer(synthetic_knn_data, tmp_path / 'b', epochs=3, max_epochs_this_run=2).fit()
+    b = _trainer(synthetic_knn_data, tmp_path / 'b', epochs=3, resume=True).fit()
     assert a['valid'] == b['valid'] and a['best_epoch'] == b['best_epoch']
