@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Tuple
 
 import torch
 
