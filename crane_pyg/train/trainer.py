@@ -605,14 +605,17 @@ class Trainer:
                 self._log(_summary_line(record, self.config.stop_metric))
         self.epoch = epoch
         self.history.append(record)
-        if self.is_main:
-            with open(self.output_dir / HISTORY, 'a', encoding='utf-8') as f:
-                f.write(json.dumps(to_jsonable(record)) + '\n')
-            if self._epoch_logger is not None:
-                self._epoch_logger.log_epoch(record, self.history)
-            if record.get('best'):
-                save_checkpoint(self.output_dir / BEST, self.state())
-        self._save_last()
+        # a Ctrl-C / SIGTERM after the history line waits for last.pt of the same
+        # epoch (it used to hit the best.pt save and leave last.pt one epoch behind)
+        with interrupts_deferred():
+            if self.is_main:
+                with open(self.output_dir / HISTORY, 'a', encoding='utf-8') as f:
+                    f.write(json.dumps(to_jsonable(record)) + '\n')
+                if self._epoch_logger is not None:
+                    self._epoch_logger.log_epoch(record, self.history)
+                if record.get('best'):
+                    save_checkpoint(self.output_dir / BEST, self.state())
+            self._save_last()
         for callback in self.callbacks:
             callback(self, record)
 
