@@ -63,23 +63,33 @@ def synchronize(device: torch.device) -> None:
 
 def train_epoch(model: Any, optimizer: torch.optim.Optimizer, sampler: Any, epoch: int,
                 batch_size: int, device: torch.device,
-                max_batches: Optional[int] = None) -> Dict[str, Any]:
+                max_batches: Optional[int] = None, precision: str = 'fp32',
+                loss_module: Any = None) -> Dict[str, Any]:
     r"""One training epoch as :class:`~crane_pyg.train.Trainer` runs it:
     ``on_epoch_start``, then for every batch of the BPR sampler (sampling
-    included) ``zero_grad``, ``loss``, ``backward`` and an optimizer step;
-    only the first :obj:`max_batches` batches when given. Returns the wall
-    time (``'seconds'``, device synchronised) and ``'batches'`` run."""
+    included) ``zero_grad``, ``loss`` (under :obj:`precision`'s autocast,
+    :mod:`crane_pyg.train.precision`, as the Trainer does), ``backward`` and an
+    optimizer step; only the first :obj:`max_batches` batches when given.
+    Returns the wall time (``'seconds'``, device synchronised) and
+    ``'batches'`` run. :obj:`loss_module` (e.g.
+    :class:`~crane_pyg.train.CachedSemanticCRANE`) replaces ``model.loss``
+    and has its ``on_epoch_start`` called after the model's."""
+    from crane_pyg.train.precision import autocast
+    loss_fn = model.loss if loss_module is None else loss_module
     model.train()
     synchronize(device)
     start = time.perf_counter()
     model.on_epoch_start(epoch)
+    if loss_module is not None and hasattr(loss_module, 'on_epoch_start'):
+        loss_module.on_epoch_start(epoch)
     done = 0
     for users, pos, neg in sampler.batches(epoch, batch_size):
         if done == max_batches:
             break
         users, pos, neg = users.to(device), pos.to(device), neg.to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = model.loss(users, pos, neg)
+        with autocast(precision, device):
+            loss, _ = loss_fn(users, pos, neg)
         loss.backward()
         optimizer.step()
         done += 1
@@ -89,14 +99,19 @@ def train_epoch(model: Any, optimizer: torch.optim.Optimizer, sampler: Any, epoc
 
 @torch.no_grad()
 def evaluate(model: Any, evaluator: Any,
-             after_embeddings: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+             after_embeddings: Optional[Callable[[], None]] = None,
+             precision: str = 'fp32') -> Dict[str, float]:
     r"""One full-ranking evaluation without gradients: ``model.eval()``,
-    ``model.embeddings()`` once, then :obj:`evaluator` ranks every item for
-    its users (``model.score_all_items``); returns the metrics dict.
+    ``model.embeddings()`` once (under :obj:`precision`'s autocast, then
+    float32, as :meth:`~crane_pyg.train.Trainer.evaluate` does), then
+    :obj:`evaluator` ranks every item for its users
+    (``model.score_all_items``); returns the metrics dict.
     :obj:`after_embeddings` (optional) is called between the two, e.g. to
     time the embeddings apart. Timing is the caller's."""
+    from crane_pyg.train.precision import autocast
     model.eval()
-    emb = model.embeddings()
+    with autocast(precision, next(model.parameters()).device):
+        emb = tuple(e.float() for e in model.embeddings())
     if after_embeddings is not None:
         after_embeddings()
     return evaluator.evaluate(lambda users: model.score_all_items(users, emb))

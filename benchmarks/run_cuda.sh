@@ -32,8 +32,8 @@ fi
 
 if [ "${QUICK:-0}" = 1 ]; then
     run 120 tiktok_epoch_time benchmarks/tiktok_epoch_time.py --device "$device" \
-        --data-root "$data" --models crane,freedom --epochs 3 --warmup 0 \
-        --output "$out/tiktok_epoch_time.json"
+        --data-root "$data" --models crane,crane-bf16,crane-cache5,freedom --epochs 3 \
+        --warmup 0 --output "$out/tiktok_epoch_time.json"
     run 120 backends benchmarks/backends.py --device "$device" --quick --in-process \
         --output "$out/backends.json"
     run 120 attention_memory benchmarks/attention_memory.py --device "$device" --quick \
@@ -41,14 +41,15 @@ if [ "${QUICK:-0}" = 1 ]; then
     run 120 scalability benchmarks/scalability.py --device "$device" --quick --in-process \
         --output "$out/scalability.json"
     run 120 electronics_scale benchmarks/electronics_scale.py --device "$device" --quick \
-        --output "$out/electronics_scale.json"
+        --precisions fp32,bf16 --semantic-cache 2 --output "$out/electronics_scale.json"
     exit 0
 fi
 
 run 60 train_amazon examples/train_amazon.py --device "$device" --epochs 2 --quiet \
     --output "$out/train_amazon_smoke"
-run 180 tiktok_epoch_time benchmarks/tiktok_epoch_time.py --device "$device" --breakdown \
-    --data-root "$data" --epochs 5 --threads 8 --output "$out/tiktok_epoch_time.json"
+run 400 tiktok_epoch_time benchmarks/tiktok_epoch_time.py --device "$device" --breakdown \
+    --data-root "$data" --epochs 5 --threads 8 --output "$out/tiktok_epoch_time.json" \
+    --models crane,crane-bf16,crane-tf32,crane-cache50,crane-cache50-bf16,crane-compiled,crane-compiled-bf16,freedom,lightgcn
 run 90 backends benchmarks/backends.py --device "$device" --in-process \
     --edges 2e5 8e5 3.2e6 --output "$out/backends.json"
 run 60 attention_memory benchmarks/attention_memory.py --device "$device" --in-process \
@@ -56,5 +57,5 @@ run 60 attention_memory benchmarks/attention_memory.py --device "$device" --in-p
     --output "$out/attention_memory.json"
 run 170 scalability benchmarks/scalability.py --device "$device" --in-process \
     --scale 16 --output "$out/scalability.json"
-run 150 electronics_scale benchmarks/electronics_scale.py --device "$device" \
-    --output "$out/electronics_scale.json"
+run 600 electronics_scale benchmarks/electronics_scale.py --device "$device" \
+    --precisions fp32,bf16,tf32 --semantic-cache 50 --output "$out/electronics_scale.json"

@@ -14,7 +14,15 @@ that a compiled model's no-gradient graph is compiled before the clock runs).
 
 ``crane-compiled`` is CRANE with ``train.compile`` (its RCA module compiled by
 :func:`torch.compile`); its compilation happens in the warm-up epoch and is
-reported apart as ``compile_seconds``.
+reported apart as ``compile_seconds``. A suffix ``-bf16`` (or ``-tf32``) runs a
+setting with that ``train.precision`` (:mod:`crane_pyg.train.precision`: the
+loss under autocast, the sparse propagation in float32; the validation's
+embeddings under autocast, its scores in float32), e.g. ``crane-bf16``,
+``crane-compiled-bf16``, ``freedom-bf16``; a part ``-cache<T>`` runs CRANE's
+loss with ``train.semantic_cache = T`` (:mod:`crane_pyg.train.semantic_cache`;
+its refreshes are inside the timed epoch), e.g. ``crane-cache50``,
+``crane-cache50-bf16``; every ``crane*`` setting gets a ratio to ``freedom``
+(float32).
 
 ``--breakdown`` adds where the time of one training step goes (milliseconds,
 median of repeated calls on one batch): each part of CRANE timed alone,
@@ -23,17 +31,23 @@ rest of the semantic view, the loss terms and the optimizer), FREEDOM's and
 LightGCN's whole step, and RCA's *matrix-product floor*: the time of the dense
 products RCA's forward and backward need at this size (weights and inputs
 of the same shapes, nothing else), a lower bound for any implementation of
-those equations on this machine.
+those equations on this machine, in float32 (``rca_matmul_floor``) and in
+bfloat16 (``rca_matmul_floor_bf16``, where the CPU has native bfloat16). With a
+``crane*-bf16`` setting, ``crane-bf16`` is broken down too (each part under
+bfloat16 autocast).
 
 Usage::
 
     python benchmarks/tiktok_epoch_time.py --threads 2 --epochs 3 --breakdown
+    python benchmarks/tiktok_epoch_time.py --threads 1 --epochs 3 --breakdown \
+        --models crane,crane-bf16,crane-compiled,crane-compiled-bf16,freedom,lightgcn
 
 Writes ``benchmarks/results/tiktok_epoch_time.json`` and ``.png``.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import warnings
@@ -55,12 +69,37 @@ from crane_pyg.metrics import FullRankingEvaluator  # noqa: E402
 from crane_pyg.models import CRANE, FREEDOM, LightGCN  # noqa: E402
 
 MODELS = {'crane': CRANE, 'crane-compiled': CRANE, 'freedom': FREEDOM, 'lightgcn': LightGCN}
+#: the suffixes of a setting's name that set ``train.precision``
+PRECISION_SUFFIXES = ('-bf16', '-tf32')
+
+
+def precision_of(name: str) -> str:
+    r"""The ``train.precision`` of the setting :obj:`name` (``'fp32'``
+    without a precision suffix)."""
+    for suffix in PRECISION_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix[1:]
+    return 'fp32'
+
+
+def cache_of(name: str) -> int | None:
+    r"""``T`` of a ``-cache<T>`` part of the setting :obj:`name`
+    (``train.semantic_cache = T``), else :obj:`None`."""
+    match = re.search(r'-cache(\d+)', name)
+    return int(match.group(1)) if match else None
+
+
+def model_of(name: str) -> str:
+    r"""The :data:`MODELS` key of the setting :obj:`name` (without its
+    precision suffix and ``-cache<T>`` part)."""
+    precision = precision_of(name)
+    name = name if precision == 'fp32' else name[:-len(precision) - 1]
+    return re.sub(r'-cache\d+', '', name)
 
 
 def is_compiled(name: str) -> bool:
-    r"""Whether the model :obj:`name` of :data:`MODELS` runs with
-    ``compile_modules()``."""
-    return name.endswith('-compiled')
+    r"""Whether the setting :obj:`name` runs with ``compile_modules()``."""
+    return model_of(name).endswith('-compiled')
 
 
 def build_model(name: str, data: Any, seed: int,
@@ -70,17 +109,17 @@ def build_model(name: str, data: Any, seed: int,
     :obj:`device` (``compile_modules()`` called for a compiled name), and its
     Adam optimizer (learning rate 1e-3)."""
     torch.manual_seed(seed)
-    model = MODELS[name].from_data(data).to(device)
+    model = MODELS[model_of(name)].from_data(data).to(device)
     if is_compiled(name):
         model.compile_modules()
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
 def validate(model: Any, evaluator: FullRankingEvaluator,
-             device: torch.device) -> Dict[str, Any]:
+             device: torch.device, precision: str = 'fp32') -> Dict[str, Any]:
     synchronize(device)
     start = time.perf_counter()
-    metrics = evaluate(model, evaluator)
+    metrics = evaluate(model, evaluator, precision=precision)
     synchronize(device)
     return {'seconds': time.perf_counter() - start, 'recall@20': metrics['recall@20']}
 
@@ -111,21 +150,30 @@ def main(argv: List[str] | None = None) -> int:
     if args.breakdown_repeats < 3:
         parser.error('--breakdown-repeats must be >= 3 (the median of at least 3 calls)')
     names = [n.strip() for n in args.models.split(',') if n.strip()]
-    unknown = sorted(set(names) - set(MODELS))
+    unknown = sorted(n for n in names if model_of(n) not in MODELS
+                     or (cache_of(n) is not None and not n.startswith('crane'))
+                     or cache_of(n) == 0)
     if unknown:
-        parser.error(f'unknown model(s) {unknown}; choose from {sorted(MODELS)}')
+        parser.error(f'unknown model(s) {unknown}; choose from {sorted(MODELS)}, each with '
+                     f'an optional precision suffix {list(PRECISION_SUFFIXES)}')
 
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as the Trainer does (train.flush_denormal)
     device = resolve_device(args.device)
+    from crane_pyg.train.precision import resolve_precision
+    used = {name: resolve_precision(precision_of(name), device) for name in names}
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # users without training items
         data = load_mmrec(args.data_root, args.dataset)
     sampler = BPRSampler.from_data(data, seed=args.seed)
     evaluator = FullRankingEvaluator(data, split='valid', ks=(20,), batch_size=4096,
                                      device=device)
-    models, optimizers = {}, {}
+    models, optimizers, losses = {}, {}, {}
     for name in names:
         models[name], optimizers[name] = build_model(name, data, args.seed, device)
+        if cache_of(name) is not None:
+            from crane_pyg.train.semantic_cache import CachedSemanticCRANE
+            losses[name] = CachedSemanticCRANE(models[name], cache_of(name))
 
     epochs: Dict[str, List[float]] = {n: [] for n in names}
     warmup: Dict[str, List[float]] = {n: [] for n in names}
@@ -133,15 +181,17 @@ def main(argv: List[str] | None = None) -> int:
     for epoch in range(args.warmup + args.epochs):
         for name in names:  # interleaved: every model sees the same machine state
             out = train_epoch(models[name], optimizers[name], sampler, epoch,
-                              args.batch_size, device)
+                              args.batch_size, device, precision=used[name],
+                              loss_module=losses.get(name))
             num_batches = out['batches']
             (epochs if epoch >= args.warmup else warmup)[name].append(out['seconds'])
             print(f'epoch {epoch} {name:14s} {out["seconds"]:7.2f} s'
                   + ('' if epoch >= args.warmup else ' (warm-up)'), flush=True)
     valid = {}
     for name in names:
-        untimed = validate(models[name], evaluator, device)  # compiles a compiled model
-        valid[name] = validate(models[name], evaluator, device)
+        # the first pass compiles a compiled model
+        untimed = validate(models[name], evaluator, device, used[name])
+        valid[name] = validate(models[name], evaluator, device, used[name])
         valid[name]['first_pass_seconds'] = untimed['seconds']
 
     epoch_seconds = {name: summarize(epochs[name]) for name in names}
@@ -152,6 +202,8 @@ def main(argv: List[str] | None = None) -> int:
         'warmup_epochs': args.warmup, 'interleaved': True,
         'models': {name: {'options': ('defaults, compile_modules()' if is_compiled(name)
                                       else 'defaults'),
+                          'precision': used[name],
+                          'semantic_cache': cache_of(name),
                           'epoch_seconds': epoch_seconds[name],
                           'ms_per_batch': 1000 * median[name] / num_batches,
                           'validation': valid[name]}
@@ -163,14 +215,15 @@ def main(argv: List[str] | None = None) -> int:
             # the warm-up epochs minus as many ordinary epochs
             extra = sum(warmup[name]) - args.warmup * median[name]
             result['models'][name]['compile_seconds'] = extra
-    for name in ('crane', 'crane-compiled'):
-        if name in names and 'freedom' in names:
+    for name in names:
+        if name.startswith('crane') and 'freedom' in names:
             key = f"ratio_{name.replace('-', '_')}_over_freedom"
             result[key] = median[name] / median['freedom']
             print(f"{name} / freedom epoch time: {result[key]:.2f}")
     if args.breakdown:
-        result['step_breakdown_ms'] = step_breakdown(data, sampler, args, device,
-                                                     compiled='crane-compiled' in names)
+        result['step_breakdown_ms'] = step_breakdown(
+            data, sampler, args, device, compiled='crane-compiled' in names,
+            bf16=any(n.startswith('crane') and used[n] == 'bf16' for n in names))
         for name, parts in result['step_breakdown_ms'].items():
             print(f'step breakdown {name}: ' + ', '.join(f'{k} {v:.1f}' for k, v in parts.items()))
     output = Path(args.output)
@@ -180,21 +233,23 @@ def main(argv: List[str] | None = None) -> int:
     return 0
 
 
-def rca_matmul_floor(rca: Any, num_nodes: int, device: torch.device, repeats: int) -> float:
+def rca_matmul_floor(rca: Any, num_nodes: int, device: torch.device, repeats: int,
+                     dtype: torch.dtype = torch.float32) -> float:
     r"""Milliseconds of the dense products of one forward + backward of
     :obj:`rca` on :obj:`num_nodes` nodes: per recursion the joint map
     ``[N, Md] x [Md, Td]``, the query and output maps ``[NM, d] x [d, d]``
     (the associative form of
     :class:`~crane_pyg.nn.rca.CrossModalAttentionBlock`), then ``W_Z``; each
     forward product plus its two backward products (input and weight
-    gradients)."""
+    gradients), in :obj:`dtype`."""
     M, d, T = rca.num_modalities, rca.dim, rca.num_joint_tokens
     shapes = [(num_nodes, M * d, T * d), (num_nodes * M, d, d),
               (num_nodes * M, d, d)] * rca.num_recursions
     if rca.lin_z is not None:
         shapes.append((num_nodes, M * d, rca.out_dim))
-    mats = [(torch.randn(n, k, device=device), torch.randn(k, m, device=device),
-             torch.randn(n, m, device=device)) for n, k, m in shapes]
+    mats = [(torch.randn(n, k, device=device, dtype=dtype),
+             torch.randn(k, m, device=device, dtype=dtype),
+             torch.randn(n, m, device=device, dtype=dtype)) for n, k, m in shapes]
 
     def products() -> None:
         for x, w, grad in mats:
@@ -205,23 +260,28 @@ def rca_matmul_floor(rca: Any, num_nodes: int, device: torch.device, repeats: in
 
 
 def step_breakdown(data: Any, sampler: Any, args: Any, device: torch.device,
-                   compiled: bool = True) -> Dict[str, Dict[str, float]]:
+                   compiled: bool = True, bf16: bool = False) -> Dict[str, Dict[str, float]]:
     r"""Milliseconds of the parts of one training step on the first batch of
     epoch 0 (see the module docstring), for CRANE (and ``crane-compiled`` when
-    :obj:`compiled`), FREEDOM and LightGCN."""
+    :obj:`compiled`, ``crane-bf16`` when :obj:`bf16`), FREEDOM and LightGCN."""
+    from crane_pyg.train.precision import autocast, bf16_support
     users, pos, neg = (t.to(device) for t in next(iter(sampler.batches(0, args.batch_size))))
     repeats = args.breakdown_repeats  # >= 3 (checked by the parser; time_fn needs it)
     out: Dict[str, Dict[str, float]] = {}
 
-    def whole_step(model: Any, optimizer: Any) -> Callable[[], None]:
+    def whole_step(model: Any, optimizer: Any, precision: str = 'fp32') -> Callable[[], None]:
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            loss, _ = model.loss(users, pos, neg)
+            with autocast(precision, device):
+                loss, _ = model.loss(users, pos, neg)
             loss.backward()
             optimizer.step()
         return step
 
-    for name in ('crane', 'crane-compiled') if compiled else ('crane',):
+    cranes = ['crane'] + (['crane-compiled'] if compiled else []) + (['crane-bf16'] if bf16
+                                                                     else [])
+    for name in cranes:
+        precision = precision_of(name)
         model, optimizer = build_model(name, data, args.seed, device)
         model.train()
         batch_users = torch.unique(users)
@@ -230,25 +290,33 @@ def step_breakdown(data: Any, sampler: Any, args: Any, device: torch.device,
         rca_input.requires_grad_()
 
         def backward(*tensors: torch.Tensor) -> None:
-            sum(t.sum() for t in tensors).backward()
+            sum(t.float().sum() for t in tensors).backward()
             model.zero_grad(set_to_none=True)
 
         def loss_backward() -> None:
-            loss, _ = model.loss(users, pos, neg)
+            with autocast(precision, device):
+                loss, _ = model.loss(users, pos, neg)
             backward(loss)
+
+        def under(fn: Callable[[], Any]) -> Callable[[], None]:
+            def run() -> None:
+                with autocast(precision, device):
+                    out = fn()
+                backward(*(out if isinstance(out, tuple) else (out, )))
+            return run
 
         # median milliseconds of `repeats` calls after 3 untimed ones (warm-up, compilation)
         parts = {
-            'step': 1000 * time_fn(whole_step(model, optimizer), device, repeats,
+            'step': 1000 * time_fn(whole_step(model, optimizer, precision), device, repeats,
                                    warmup=3)['median'],
             'loss_backward': 1000 * time_fn(loss_backward, device, repeats, warmup=3)['median'],
-            'behavioural': 1000 * time_fn(lambda: backward(*model.behavioural(True)), device,
+            'behavioural': 1000 * time_fn(under(lambda: model.behavioural(True)), device,
                                           repeats, warmup=3)['median'],
-            'semantic': 1000 * time_fn(lambda: backward(*model.semantic(batch_users)), device,
+            'semantic': 1000 * time_fn(under(lambda: model.semantic(batch_users)), device,
                                        repeats, warmup=3)['median'],
-            'encoders': 1000 * time_fn(lambda: backward(model.encode_items()), device,
+            'encoders': 1000 * time_fn(under(model.encode_items), device,
                                        repeats, warmup=3)['median'],
-            'rca': 1000 * time_fn(lambda: backward(model.rca(rca_input)), device, repeats,
+            'rca': 1000 * time_fn(under(lambda: model.rca(rca_input)), device, repeats,
                                   warmup=3)['median'],
         }
         parts['semantic_rest'] = parts['semantic'] - parts['encoders'] - parts['rca']
@@ -259,6 +327,9 @@ def step_breakdown(data: Any, sampler: Any, args: Any, device: torch.device,
         if name == 'crane':
             parts['rca_matmul_floor'] = rca_matmul_floor(model.rca, rca_input.size(0),
                                                          device, repeats)
+            if device.type == 'cuda' or bf16_support(device)[0]:
+                parts['rca_matmul_floor_bf16'] = rca_matmul_floor(
+                    model.rca, rca_input.size(0), device, repeats, dtype=torch.bfloat16)
         out[name] = parts
     for name in ('freedom', 'lightgcn'):
         model, optimizer = build_model(name, data, args.seed, device)

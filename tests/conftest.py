@@ -50,3 +50,24 @@ def synthetic_data(synthetic_root):
     """The small synthetic dataset as HeteroData (no item-item graph yet)."""
     from crane_pyg.data import load_mmrec
     return load_mmrec(synthetic_root)
+
+
+@pytest.fixture(scope='session')
+def synthetic_knn_data(synthetic_data):
+    """The small synthetic dataset with its item kNN graph (k = 10)."""
+    import copy
+    from crane_pyg.transforms import ItemKNNGraph
+    return ItemKNNGraph(k=10)(copy.copy(synthetic_data))
+
+
+def small_crane(data, **options):
+    """A CRANE with d = 16 built from ``data`` after ``torch.manual_seed(0)``."""
+    from crane_pyg.models import CRANE
+    torch.manual_seed(0)
+    return CRANE.from_data(data, embedding_dim=16, **options)
+
+
+def bpr_batch(data, size=64, seed=0):
+    """``(users, pos, neg)``: the first BPR batch of epoch 0 (seed ``seed``)."""
+    from crane_pyg.data import BPRSampler
+    return next(iter(BPRSampler.from_data(data, seed=seed).batches(0, size)))

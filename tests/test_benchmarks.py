@@ -141,14 +141,21 @@ def test_electronics_quick(tmp_path):
     out = tmp_path / 'e.json'
     res = electronics_scale.main(['--quick', '--device', 'cpu', '--max-batches', '1',
                                   '--knn-sample-items', '100', '--max-eval-users', '200',
-                                  '--output', str(out)])
+                                  '--precisions', 'fp32,bf16', '--output', str(out)])
     saved = json.loads(out.read_text())
-    assert saved['stages'].keys() == {'build_data', 'knn_build', 'build_model',
+    assert saved['stages'].keys() == {'build_data', 'knn_build', 'build_model', 'side_by_side',
                                       'train_epoch', 'evaluation'}
     train = saved['stages']['train_epoch']
-    # 6000 pairs -> ~4.4k training triples -> 3 batches of 2048; 1 measured
+    # 6000 pairs -> ~4.4k training triples -> 3 batches of 2048; 1 warm-up, 1 measured
     assert train['extrapolated'] is True and train['measured_batches'] == 1
-    assert train['time_s'] == pytest.approx(train['measured_time_s'] * train['num_batches'])
+    assert train['time_s'] == pytest.approx(train['epoch_start_s']
+                                            + train['seconds_per_batch'] * train['num_batches'])
+    side = saved['stages']['side_by_side']['settings']
+    assert set(side) == {f'{m}/{p}' for m in ('crane', 'freedom', 'lightgcn')
+                         for p in ('fp32', 'bf16')}
+    assert side['crane/fp32']['time_s'] == pytest.approx(train['time_s'])
+    assert side['freedom/fp32']['ratio_to_freedom'] == pytest.approx(1.0)
+    assert all(e['time_s'] > 0 and e['extrapolated'] for e in side.values())
     knn = saved['stages']['knn_build']
     assert knn['extrapolated'] is True
     assert knn['time_s'] == pytest.approx(knn['measured_time_s'] * (300 / 100) ** 2)
@@ -239,3 +246,34 @@ def test_baseline_rss_does_not_inherit_the_parents_memory():
     after = common.baseline_rss_mb()
     assert ballast.sum() > 0
     assert abs(after - before) < 50, (before, after)
+
+
+def test_tiktok_epoch_time_precision_settings(synthetic_root, tmp_path):
+    """Precision suffixes: ``crane-bf16`` is timed and validated next to
+    ``crane`` and FREEDOM, gets its ratio, and the breakdown has its parts
+    and RCA's bfloat16 floor (where the CPU has bfloat16)."""
+    from crane_pyg.train.precision import bf16_support
+    out = tmp_path / 't.json'
+    assert tiktok_epoch_time.main([
+        '--data-root', str(synthetic_root.parent), '--dataset', synthetic_root.name,
+        '--models', 'crane,crane-bf16,crane-cache2,freedom', '--epochs', '3', '--warmup', '0',
+        '--batch-size', '1024', '--breakdown', '--breakdown-repeats', '3',
+        '--output', str(out)]) == 0
+    saved = json.loads(out.read_text())
+    bf16 = bf16_support(torch.device('cpu'))[0]
+    models = saved['models']
+    assert models['crane']['precision'] == 'fp32'
+    assert models['crane-bf16']['precision'] == ('bf16' if bf16 else 'fp32')
+    assert 0.0 <= models['crane-bf16']['validation']['recall@20'] <= 1.0
+    assert models['crane-cache2']['semantic_cache'] == 2 and models['crane']['semantic_cache'] is None
+    assert 'ratio_crane_cache2_over_freedom' in saved
+    assert saved['ratio_crane_bf16_over_freedom'] == pytest.approx(
+        models['crane-bf16']['epoch_seconds']['median']
+        / models['freedom']['epoch_seconds']['median'])
+    parts = saved['step_breakdown_ms']
+    if bf16:
+        assert parts['crane-bf16']['step'] > 0 and parts['crane']['rca_matmul_floor_bf16'] > 0
+    with pytest.raises(SystemExit):
+        tiktok_epoch_time.main(['--models', 'crane-fp16', '--output', str(out)])
+    with pytest.raises(SystemExit):
+        tiktok_epoch_time.main(['--models', 'freedom-cache2', '--output', str(out)])

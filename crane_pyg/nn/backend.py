@@ -54,6 +54,7 @@ from torch import Tensor
 
 from torch_geometric.index import index2ptr
 from torch_geometric.utils import coalesce, scatter
+from crane_pyg.nn.precision import float32_sparse
 
 try:  # PyG >= 2.5
     from torch_geometric import EdgeIndex
@@ -451,7 +452,11 @@ class Adjacency:
                              f"rows (the matrix is {self.size[0]} x {self.size[1]}), "
                              f"got {shape}")
         trailing = x.shape[1:]
-        x2 = x.reshape(x.size(0), -1)
+        x2, fp32 = float32_sparse(x.reshape(x.size(0), -1))  # float32 under train.precision
+        with fp32:
+            return self._matmul(x2).reshape(self.size[0], *trailing)
+
+    def _matmul(self, x2: Tensor) -> Tensor:
         if (self.backend == 'torch_csr' and x2.requires_grad and torch.is_grad_enabled()
                 and not self.value.requires_grad):
             matrix, matrix_t = self._sparse, self.t()._sparse
@@ -463,7 +468,7 @@ class Adjacency:
         else:
             msg = x2.index_select(0, self.col) * self.value.to(x2.dtype).unsqueeze(-1)
             out = scatter(msg, self.row, 0, dim_size=self.size[0], reduce='sum')
-        return out.reshape(self.size[0], *trailing)
+        return out
 
     __matmul__ = matmul
 

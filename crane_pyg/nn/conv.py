@@ -33,6 +33,7 @@ from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.typing import PairTensor
 from torch_geometric.utils import is_sparse, spmm, to_edge_index
 
+from crane_pyg.nn.precision import float32_sparse
 from crane_pyg.nn.backend import (
     Adjacency,
     EdgeIndex,
@@ -130,9 +131,10 @@ class _AdjacencyPropagation(MessagePassing):
                              f"source nodes for a {adj.num_rows} x {adj.num_cols} "
                              f"adjacency, got features of shape {list(x.shape)}")
         edge_index, edge_weight, size = adj.propagate_inputs()
-        x2 = x.reshape(x.size(0), -1)
-        out = self.propagate(edge_index, x=x2, edge_weight=edge_weight, size=size,
-                             adjacency=adj)
+        x2, fp32 = float32_sparse(x.reshape(x.size(0), -1))  # float32 under train.precision
+        with fp32:
+            out = self.propagate(edge_index, x=x2, edge_weight=edge_weight, size=size,
+                                 adjacency=adj)
         return out.reshape(adj.num_rows, *x.shape[1:])
 
     def message(self, x_j: Tensor, edge_weight: Optional[Tensor]) -> Tensor:

@@ -96,7 +96,7 @@ class InfoNCE(nn.Module):
         b = F.normalize(b, dim=-1, eps=self.eps)
         # Scale the [B, d] side, not the [B, B] logits, and take the column
         # softmax along dim 0 rather than of a transposed (copied) matrix.
-        logits = (a / self.temperature) @ b.t()
+        logits = ((a / self.temperature) @ b.t()).float()  # softmax in float32 under autocast
         loss = -torch.log_softmax(logits, dim=1).diagonal().mean()
         if self.symmetric:
             loss = 0.5 * (loss - torch.log_softmax(logits, dim=0).diagonal().mean())

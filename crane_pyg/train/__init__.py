@@ -11,6 +11,7 @@ from .distributed import (DistributedContext, destroy_distributed, evaluate_shar
 # the mini-batch forms live beside their models; re-exported here, where they are used
 from crane_pyg.models.minibatch import (MiniBatchCRANE, MiniBatchLightGCN,
                                         UserItemSubgraphSampler, minibatch_loss_module)
+from crane_pyg.models.semantic_cache import CachedSemanticCRANE
 from .trainer import (DatasetNotFoundError, Trainer, build_parser, format_metrics_table,
                       load_dataset, main, plot_curves, run_experiment, run_grid, run_single)
 
@@ -45,4 +46,5 @@ __all__ = [
     'MiniBatchCRANE',
     'minibatch_loss_module',
     'UserItemSubgraphSampler',
+    'CachedSemanticCRANE',
 ]

@@ -198,6 +198,19 @@ class TrainConfig:
             default masks training items only, as MMRec does (see
             :class:`~crane_pyg.metrics.FullRankingEvaluator`).
             (default: :obj:`False`)
+        semantic_cache (int, optional): CRANE only: the training loss runs
+            the encoders and RCA on the batch's items only and reads every
+            other item's RCA code from a cache refreshed (without gradient)
+            at each epoch start and every this many steps
+            (:mod:`crane_pyg.models.semantic_cache`); evaluation stays exact.
+            Not combined with ``num_neighbors``. ``None``: the exact loss.
+            (default: ``None``)
+        precision (str): ``'fp32'``, ``'bf16'`` (autocast of the dense
+            parts: encoders, RCA, InfoNCE, the evaluation's embeddings; the
+            sparse propagation, the weights, Adam and the ranking scores stay
+            float32) or ``'tf32'`` (CUDA: TensorFloat-32 products). Where the
+            device lacks the format the run falls back to float32 with one
+            warning (:mod:`crane_pyg.train.precision`). (default: ``'fp32'``)
         logger (str): where the per-epoch loss parts and validation metrics
             go besides ``history.jsonl``: ``'csv'`` (``metrics.csv``, one
             row per epoch) or ``'tensorboard'`` (event files in
@@ -221,6 +234,8 @@ class TrainConfig:
     flush_denormal: bool = True
     num_neighbors: Union[tuple[int, ...], None] = None
     compile: bool = False
+    precision: Literal['fp32', 'bf16', 'tf32'] = 'fp32'
+    semantic_cache: Union[int, None] = None
     logger: Literal['csv', 'tensorboard'] = 'csv'
     mask_valid_in_test: bool = False
 
@@ -259,6 +274,13 @@ def _check_train_values(values: Mapping[str, Any]) -> tuple[str, str] | None:
         return 'num_threads', f'must be >= 1 or null, got {values["num_threads"]!r}'
     if values.get('grad_clip') is not None and not values['grad_clip'] > 0:
         return 'grad_clip', f'must be > 0 or null, got {values["grad_clip"]!r}'
+    if values.get('semantic_cache') is not None:
+        if values['semantic_cache'] < 1:
+            return 'semantic_cache', (f'must be >= 1 (refresh the cache every this many '
+                                      f'steps) or null, got {values["semantic_cache"]!r}')
+        if values.get('num_neighbors') is not None:
+            return 'semantic_cache', ('cannot be combined with train.num_neighbors (the '
+                                      'sampled-subgraph loss); set one of them to null')
     fanout = values.get('num_neighbors')
     if fanout is not None and (len(fanout) == 0 or any(k == 0 or k < -1 for k in fanout)):
         return 'num_neighbors', (f'must be a non-empty list of positive ints or -1 (all '

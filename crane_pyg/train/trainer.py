@@ -100,7 +100,8 @@ RESUMABLE_CHANGES = ('train.epochs', 'train.patience', 'train.device', 'train.ev
 #: options added after runs were recorded, with the value every older run had:
 #: at that value they are left out of the run hash and the resume check, so
 #: older run folders and checkpoints keep their names and stay resumable
-LATER_OPTIONS = {'train.mask_valid_in_test': False}
+LATER_OPTIONS = {'train.mask_valid_in_test': False, 'train.precision': 'fp32',
+                 'train.semantic_cache': None}
 
 
 def _without_later_defaults(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -161,7 +162,11 @@ class Trainer:
             :func:`~crane_pyg.models.minibatch.minibatch_loss_module`'s
             (:class:`~crane_pyg.models.minibatch.MiniBatchCRANE` for CRANE,
             :class:`~crane_pyg.models.minibatch.MiniBatchLightGCN` for
-            LightGCN; :class:`TypeError` for the other models).
+            LightGCN; :class:`TypeError` for the other models), or, when
+            ``config.semantic_cache`` is set,
+            :class:`~crane_pyg.models.semantic_cache.CachedSemanticCRANE`
+            (CRANE only). A loss module with an ``on_epoch_start(epoch)``
+            method has it called after the model's.
     """
 
     def __init__(
@@ -240,6 +245,13 @@ class Trainer:
         self.sampler = BPRSampler(store.edge_index, self.num_users, self.num_items,
                                   seed=config.seed, device=self.device,
                                   rank=self.rank, world_size=self.world_size)
+        from .precision import resolve_precision
+        #: the precision used (``config.precision``, or ``'fp32'`` where the
+        #: device lacks it: :mod:`crane_pyg.train.precision`)
+        self.precision = resolve_precision(config.precision, self.device)
+        if self.precision != 'fp32' and not self.quiet:
+            self._log(f'train.precision: {self.precision} (dense parts; sparse propagation, '
+                      f'weights and Adam in float32)')
         if config.compile:
             compiled = self.model.compile_modules()
             problem = compile_support_problem(self.device) if compiled else None
@@ -255,6 +267,10 @@ class Trainer:
         if loss_module is None and config.num_neighbors is not None:
             from crane_pyg.models.minibatch import minibatch_loss_module  # TypeError: not CRANE/LightGCN
             loss_module = minibatch_loss_module(self.model, config.num_neighbors)
+        if loss_module is None and config.semantic_cache is not None:
+            from crane_pyg.models.semantic_cache import CachedSemanticCRANE  # TypeError: not CRANE
+            loss_module = CachedSemanticCRANE(self.model, config.semantic_cache)
+        self._loss_module = loss_module
         #: the module called for the training loss (``model`` or ``loss_module``,
         #: wrapped in DDP when distributed)
         self.train_model: torch.nn.Module = (self.model if loss_module is None
@@ -310,7 +326,8 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            embeddings = self.model.embeddings()
+            with self._autocast():  # the ranking scores stay float32
+                embeddings = tuple(e.float() for e in self.model.embeddings())
 
             def score(users: Tensor) -> Tensor:
                 return self.model.score_all_items(users, embeddings)
@@ -372,6 +389,10 @@ class Trainer:
             raise CheckpointError(f'{path} belongs to another configuration ({details}); '
                                   f'use another output directory or drop --resume')
 
+    def _autocast(self):
+        from .precision import autocast
+        return autocast(self.precision, self.device)
+
     def _log(self, line: str) -> None:
         if self.is_main:
             self.log(line)
@@ -391,6 +412,9 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> tuple[float, dict[str, float]]:
         self.model.train()
         self.model.on_epoch_start(epoch)
+        if self._loss_module is not self.model and hasattr(self._loss_module, 'on_epoch_start'):
+            # the semantic cache (train.semantic_cache)
+            self._loss_module.on_epoch_start(epoch)
         batch_size = self.config.batch_size // self.world_size  # per rank
         total, parts_sum, count = 0.0, {}, 0
         bar = tqdm(self.sampler.batches(epoch, batch_size),
@@ -400,7 +424,8 @@ class Trainer:
         try:
             for step, (users, pos, neg) in enumerate(bar):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss, parts = self.train_model(users, pos, neg)  # == model.loss
+                with self._autocast():
+                    loss, parts = self.train_model(users, pos, neg)  # == model.loss
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise FloatingPointError(
@@ -587,14 +612,17 @@ class Trainer:
                 self._log(_summary_line(record, self.config.stop_metric))
         self.epoch = epoch
         self.history.append(record)
-        if self.is_main:
-            with open(self.output_dir / HISTORY, 'a', encoding='utf-8') as f:
-                f.write(json.dumps(to_jsonable(record)) + '\n')
-            if self._epoch_logger is not None:
-                self._epoch_logger.log_epoch(record, self.history)
-            if record.get('best'):
-                save_checkpoint(self.output_dir / BEST, self.state())
-        self._save_last()
+        # a Ctrl-C / SIGTERM after the history line waits for last.pt of the same
+        # epoch (it used to hit the best.pt save and leave last.pt one epoch behind)
+        with interrupts_deferred():
+            if self.is_main:
+                with open(self.output_dir / HISTORY, 'a', encoding='utf-8') as f:
+                    f.write(json.dumps(to_jsonable(record)) + '\n')
+                if self._epoch_logger is not None:
+                    self._epoch_logger.log_epoch(record, self.history)
+                if record.get('best'):
+                    save_checkpoint(self.output_dir / BEST, self.state())
+            self._save_last()
         for callback in self.callbacks:
             callback(self, record)
 
@@ -639,6 +667,7 @@ class Trainer:
             'peak_memory_mb': peak,
             'peak_memory_source': source,
             'device': str(self.device),
+            'precision': self.precision,
             'world_size': self.world_size,
             'num_parameters': sum(p.numel() for p in self.model.parameters()),
             'data': {'users': self.num_users, 'items': self.num_items,
