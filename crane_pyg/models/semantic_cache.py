@@ -115,7 +115,8 @@ class CachedSemanticCRANE(nn.Module):
         h_item = model.smooth_items(z_item) if model.propagate_items else z_item
         item_mean = None
         if model.needs_item_mean:
-            item_mean = model.item_mean(h_item, model.edge_index, model.num_users)
+            item_mean = model.item_mean((h_item, None), model.item_user_index,
+                                         size=(model.num_items, model.num_users))
             item_mean = item_mean.index_select(0, batch_users)
         h_user, h_item = model.semantic_output(z_user, item_mean, h_item)
         self.last_stats = {'fresh_items': int(fresh.numel()), 'items': int(cache.size(0))}
