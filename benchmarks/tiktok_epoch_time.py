@@ -172,7 +172,7 @@ def main(argv: List[str] | None = None) -> int:
     for name in names:
         models[name], optimizers[name] = build_model(name, data, args.seed, device)
         if cache_of(name) is not None:
-            from crane_pyg.train.semantic_cache import CachedSemanticCRANE
+            from crane_pyg.models.semantic_cache import CachedSemanticCRANE
             losses[name] = CachedSemanticCRANE(models[name], cache_of(name))
 
     epochs: Dict[str, List[float]] = {n: [] for n in names}
