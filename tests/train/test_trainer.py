@@ -573,7 +573,6 @@ def test_an_interrupt_during_the_checkpoint_waits_for_it(synthetic_data, tmp_pat
                                                           capsys):
     """A Ctrl-C (or SIGTERM) right after last.pt is replaced but before the
     trainer notes its epoch used to make the message name the epoch before."""
-    import os
     import signal
     from crane_pyg.train import trainer as trainer_module
     real = trainer_module.save_checkpoint
@@ -581,10 +580,19 @@ def test_an_interrupt_during_the_checkpoint_waits_for_it(synthetic_data, tmp_pat
     def save_then_ctrl_c(path, state):
         real(path, state)
         if Path(path).name == LAST and state['epoch'] == 1:
-            os.kill(os.getpid(), signal.SIGINT)
+            # raise_signal: delivered to this (the main) thread at once; os.kill
+            # may land on a worker thread and reach Python only after fit()
+            # has returned on a loaded machine
+            signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(trainer_module, 'save_checkpoint', save_then_ctrl_c)
-    results = make_trainer(synthetic_data, tmp_path).fit()
+    # Python's own Ctrl-C handler: a suite started in the background by a
+    # shell inherits SIGINT ignored, and the signal was then swallowed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        results = make_trainer(synthetic_data, tmp_path).fit()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert results['status'] == 'interrupted' and results['epochs_run'] == 2
     assert load_checkpoint(tmp_path / LAST)['epoch'] == 1
     assert f'{tmp_path / LAST} holds the state after epoch 1' in capsys.readouterr().err
