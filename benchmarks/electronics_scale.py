@@ -239,7 +239,7 @@ def main(argv=None) -> Dict[str, Any]:
                 users, pos, neg = (t.to(device) for t in batch)
                 opt.zero_grad(set_to_none=True)
                 if name == 'crane-cache':  # refreshes within the timed steps: none
-                    loss_fn._refreshed_at = loss_fn._step
+                    loss_fn.skip_next_refresh()
                 with autocast(used[precision], device):
                     loss, _ = loss_fn(users, pos, neg)
                 loss.backward()

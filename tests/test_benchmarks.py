@@ -141,7 +141,8 @@ def test_electronics_quick(tmp_path):
     out = tmp_path / 'e.json'
     res = electronics_scale.main(['--quick', '--device', 'cpu', '--max-batches', '1',
                                   '--knn-sample-items', '100', '--max-eval-users', '200',
-                                  '--precisions', 'fp32,bf16', '--output', str(out)])
+                                  '--precisions', 'fp32,bf16', '--semantic-cache', '2',
+                                  '--output', str(out)])
     saved = json.loads(out.read_text())
     assert saved['stages'].keys() == {'build_data', 'knn_build', 'build_model', 'side_by_side',
                                       'train_epoch', 'evaluation'}
@@ -151,7 +152,7 @@ def test_electronics_quick(tmp_path):
     assert train['time_s'] == pytest.approx(train['epoch_start_s']
                                             + train['seconds_per_batch'] * train['num_batches'])
     side = saved['stages']['side_by_side']['settings']
-    assert set(side) == {f'{m}/{p}' for m in ('crane', 'freedom', 'lightgcn')
+    assert set(side) == {f'{m}/{p}' for m in ('crane', 'crane-cache', 'freedom', 'lightgcn')
                          for p in ('fp32', 'bf16')}
     assert side['crane/fp32']['time_s'] == pytest.approx(train['time_s'])
     assert side['freedom/fp32']['ratio_to_freedom'] == pytest.approx(1.0)
