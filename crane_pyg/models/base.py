@@ -356,7 +356,6 @@ class Recommender(nn.Module, metaclass=ABCMeta):
         if users.numel() == 0:
             raise ValueError(f'{cls}.loss: empty batch')
 
-    _check_batch = check_batch  # its name before issue 13, for models written against it
 
 
 # ----------------------------------------------------------------------

@@ -247,7 +247,7 @@ class LGMRec(ModalityGraphRecommender):
 
     def loss(self, users: Tensor, pos_items: Tensor,
              neg_items: Tensor) -> Tuple[Tensor, Dict[str, float]]:
-        self._check_batch(users, pos_items, neg_items)
+        self.check_batch(users, pos_items, neg_items)
         final, hyper = self._forward()
         user_emb, item_emb = final.split([self.num_users, self.num_items])
         u = user_emb.index_select(0, users)

@@ -234,7 +234,7 @@ class MGCN(ModalityGraphRecommender):
 
     def loss(self, users: Tensor, pos_items: Tensor,
              neg_items: Tensor) -> Tuple[Tensor, Dict[str, float]]:
-        self._check_batch(users, pos_items, neg_items)
+        self.check_batch(users, pos_items, neg_items)
         behaviour, side = self._forward()
         user_emb, item_emb = (behaviour + side).split([self.num_users, self.num_items])
         u = user_emb.index_select(0, users)

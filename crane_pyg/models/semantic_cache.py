@@ -39,6 +39,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from crane_pyg.models.crane import CRANE
+
 __all__ = ['CachedSemanticCRANE']
 
 
@@ -56,7 +58,6 @@ class CachedSemanticCRANE(nn.Module):
 
     def __init__(self, model: nn.Module, refresh_every: int = 1) -> None:
         super().__init__()
-        from crane_pyg.models import CRANE
         if not isinstance(model, CRANE):
             raise TypeError(f'train.semantic_cache supports CRANE only, got '
                             f'{type(model).__name__}; set train.semantic_cache to null')
