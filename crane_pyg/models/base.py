@@ -357,7 +357,6 @@ class Recommender(nn.Module, metaclass=ABCMeta):
             raise ValueError(f'{cls}.loss: empty batch')
 
 
-
 # ----------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------
