@@ -153,7 +153,10 @@ class CRANE(Recommender):
        call on the stacked ``[N, M, d]`` batch), gives :math:`\mathbf{z}_u,
        \mathbf{z}_i \in \mathbb{R}^d`. ``use_rca=False`` is :math:`R=0`: the
        projected concatenation :math:`\mathbf{W}_Z[\mathbf{x}_1 \Vert \cdots
-       \Vert \mathbf{x}_M] + \mathbf{b}_Z`.
+       \Vert \mathbf{x}_M] + \mathbf{b}_Z`. With ``semantic_gate=True`` the
+       codes then gate the ID ("ego") embeddings, :math:`\mathbf{z}_v
+       \leftarrow \mathbf{e}^{(0)}_v \odot \sigma(\mathbf{z}_v)`
+       (:meth:`gate_codes`), and everything below uses the gated codes.
     4. **Dual graph.**
 
        * behavioural view: LightGCN over ID embeddings on the symmetrically
@@ -329,6 +332,15 @@ class CRANE(Recommender):
             :math:`s = e^{\theta}`), so that training decides how much the
             content view weighs in the score instead of a fixed norm.
             Needs ``semantic_scale``. (default: :obj:`False`)
+        semantic_gate (bool): the content codes *gate* the ID embeddings
+            instead of standing for the nodes themselves (3b. above):
+            :math:`\mathbf{z}_v \leftarrow \mathbf{e}^{(0)}_v \odot
+            \sigma(\mathbf{z}_v)` for items and users, before the item graph,
+            the item mean and ``semantic_scale`` (MGCN's behaviour-guided
+            purifier, applied to RCA's output). The semantic view then has a
+            free vector per node, shaped by the content and by the item-graph
+            neighbours, instead of being a function of the content alone.
+            (default: :obj:`False`)
         use_rca (bool): ablation; :obj:`False` is RCA with :math:`R = 0`
             (concatenation + projection). (default: :obj:`True`)
         use_profiles (bool): ablation; :obj:`False` gives users a learned ID
@@ -382,6 +394,7 @@ class CRANE(Recommender):
         content_reg: float = 0.0,
         semantic_scale: Optional[float] = 0.2,
         learn_semantic_scale: bool = False,
+        semantic_gate: bool = False,
         use_rca: bool = True,
         use_profiles: bool = True,
         use_item_graph: bool = True,
@@ -450,6 +463,7 @@ class CRANE(Recommender):
         self.content_reg = float(content_reg)
         self.semantic_scale = None if semantic_scale is None else float(semantic_scale)
         self.learn_semantic_scale = bool(learn_semantic_scale)
+        self.semantic_gate = bool(semantic_gate)
         self.view_bpr = float(view_bpr)
         self.use_rca = bool(use_rca)
         self.use_profiles = bool(use_profiles)
@@ -658,6 +672,7 @@ class CRANE(Recommender):
         ``[I, d]`` for all items."""
         x_item = self.encode_items()
         z_item, z_user = self.semantic_codes(x_item, users)
+        z_item, z_user = self.gate_codes(z_item, None, z_user, users)
         h_item = self.smooth_items(z_item) if self.propagate_items else z_item
         item_mean = None
         if self.needs_item_mean:
@@ -686,6 +701,23 @@ class CRANE(Recommender):
             return z_item, None
         return z_item, (self.user_semantic_embedding.weight if users is None
                         else self.user_semantic_embedding(users))
+
+    def gate_codes(self, z_item: Tensor, items: Optional[Tensor],
+                   z_user: Optional[Tensor], users: Optional[Tensor]
+                   ) -> Tuple[Tensor, Optional[Tensor]]:
+        r"""With ``semantic_gate=True``, :math:`\mathbf{e}^{(0)}_v \odot
+        \sigma(\mathbf{z}_v)` for the item rows :obj:`items` and the user
+        rows :obj:`users` of the codes (all rows when :obj:`None`); the codes
+        unchanged otherwise."""
+        if not self.semantic_gate:
+            return z_item, z_user
+        e_item = self.item_embedding.weight if items is None else self.item_embedding(items)
+        z_item = e_item * torch.sigmoid(z_item)
+        if z_user is not None:
+            e_user = (self.user_embedding.weight if users is None
+                      else self.user_embedding(users))
+            z_user = e_user * torch.sigmoid(z_user)
+        return z_item, z_user
 
     def smooth_items(self, h: Tensor) -> Tensor:
         r""":math:`\hat{\mathbf{S}}^{L_{ii}} \mathbf{h}` over the model's item graph."""
@@ -862,5 +894,6 @@ class CRANE(Recommender):
                 f'reg_form={self.l2.form!r}, '
                 f'content_reg={self.content_reg}, semantic_scale={self.semantic_scale}, '
                 f'learn_semantic_scale={self.learn_semantic_scale}, '
+                f'semantic_gate={self.semantic_gate}, '
                 f'edge_dropout={self.edge_dropout}, id_item_graph={self.id_item_graph}, '
                 f'graph_rebuild_every={self.graph_rebuild_every}')

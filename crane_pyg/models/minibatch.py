@@ -541,6 +541,7 @@ class MiniBatchCRANE(nn.Module):
         if profile_nodes is not None:
             profiles = self._aggregate_profiles(x_item, nodes, batch_users, *profile_nodes)
         z_item, z_user = model.semantic_codes(x_item[:num_nodes], batch_users, profiles)
+        z_item, z_user = model.gate_codes(z_item, nodes[:num_nodes], z_user, batch_users)
         h = z_item
         if self.item_conv is not None:
             # one adjacency of the step's subgraph for all L_ii layers

@@ -118,6 +118,7 @@ class CachedSemanticCRANE(nn.Module):
         z_fresh, z_user = model.semantic_codes(model.encode_items(fresh), batch_users)
         cache = self._cache
         z_item = cache.index_copy(0, fresh, z_fresh.to(cache.dtype))
+        z_item, z_user = model.gate_codes(z_item, None, z_user, batch_users)
         h_item = model.smooth_items(z_item) if model.propagate_items else z_item
         item_mean = None
         if model.needs_item_mean:
