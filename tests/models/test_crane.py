@@ -167,6 +167,39 @@ def test_semantic_view(knn_data, mode, scale):
     torch.testing.assert_close(h_item_again, h_item)
 
 
+@pytest.mark.parametrize('mode', ['profile', 'items', 'both'])
+def test_semantic_gate_gates_the_id_embeddings_with_the_codes(knn_data, mode):
+    model = _model(knn_data, user_semantic=mode, semantic_gate=True,
+                   semantic_scale=None).eval()
+    mean, _ = _mean_matrix(knn_data)
+    s = _dense(model.item_adj_index, model.item_adj_weight, model.num_items)
+    with torch.no_grad():
+        x_item = model.encode_items()
+        z_item = model.rca(x_item).double()
+        e_item = model.item_embedding.weight.double()
+        e_user = model.user_embedding.weight.double()
+        h_user, h_item = model.semantic()
+    ref_item = s @ (e_item * torch.sigmoid(z_item))
+    ref_mean = mean @ ref_item
+    if mode == 'items':
+        ref_user = ref_mean
+    else:
+        z_user = model.rca(model.profiles(x_item, None, model.encoders)).double()
+        ref_profile = e_user * torch.sigmoid(z_user.detach())
+        ref_user = ref_profile if mode == 'profile' else 0.5 * (ref_profile + ref_mean)
+    torch.testing.assert_close(h_item.double(), ref_item, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_user.double(), ref_user, atol=1e-5, rtol=1e-5)
+    # without the gate the view is a function of the content alone: the ID
+    # embeddings get no gradient from it; with it they do
+    for gate in (False, True):
+        model = _model(knn_data, user_semantic=mode, semantic_gate=gate,
+                       semantic_scale=None, id_item_graph=False)
+        h_user, h_item = model.semantic()
+        (h_user.sum() + h_item.sum()).backward()
+        assert (model.item_embedding.weight.grad is not None) == gate
+        assert (model.user_embedding.weight.grad is not None) == (gate and mode != 'items')
+
+
 def test_item_graph_is_the_transforms_matrix(knn_data):
     model = _model(knn_data)
     store = knn_data[ITEM_ITEM]

@@ -160,8 +160,9 @@ def test_crane_full_fanout_equals_full_batch(synthetic_data, user_semantic, edge
     dict(eval_mode=True, edge_dropout=0.3, num_ii_layers=1),
     dict(id_item_graph=False, num_ii_layers=2),
     dict(id_item_graph=True, num_ii_layers=2),
+    dict(semantic_gate=True, semantic_scale=None, precompute_profiles=False),
 ], ids=['profiles-on-the-fly', 'no-profiles-no-rca', 'no-item-graph-concat', 'eval',
-        'no-id-item-graph', 'id-item-graph-2-hops'])
+        'no-id-item-graph', 'id-item-graph-2-hops', 'semantic-gate'])
 def test_crane_full_fanout_equals_full_batch_variants(synthetic_data, options):
     options = dict(options)
     eval_mode = options.pop('eval_mode', False)
