@@ -28,6 +28,17 @@ Any registered model can be compared (``crane``, ``lightgcn``, ``vbpr``,
 ``freedom``, ``mgcn``, ``lgmrec``), e.g. ``--models
 crane,freedom,mgcn,lgmrec``.
 
+**Variants and ablations**: an entry of ``--models`` may also be
+``LABEL=MODEL:KEY=VALUE[:KEY=VALUE...]``, the model ``MODEL`` with those
+overrides (applied after the ``--set`` ones), reported, tested and stored
+(``<output>/<LABEL>-seed<seed>/``) under ``LABEL``. CRANE's ablations against
+the full model::
+
+    python benchmarks/compare_models.py --dataset tiktok --seeds 999,1,2 \
+        --models crane,no-rca=crane:model.use_rca=false,\
+    no-profiles=crane:model.use_profiles=false,no-item-graph=crane:model.use_item_graph=false,\
+    no-cl=crane:model.lambda_cl=0.0
+
 ``--resume`` continues interrupted runs and reuses finished ones. Both
 result files are written atomically.
 
@@ -58,7 +69,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 try:
@@ -94,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                         '(default: $CRANE_DATA_ROOT or ./data)')
     parser.add_argument('--models', default='crane,lightgcn,freedom',
                         help='comma-separated model names, any of crane, lightgcn, vbpr, '
-                        'freedom, mgcn, lgmrec (default: crane,lightgcn,freedom)')
+                        'freedom, mgcn, lgmrec, or variants LABEL=MODEL:KEY=VALUE[:KEY=VALUE...] '
+                        '(default: crane,lightgcn,freedom)')
     parser.add_argument('--seeds', default='999',
                         help='comma-separated seeds (default: 999, MMRec\'s)')
     parser.add_argument('--output', help='output folder '
@@ -198,6 +210,41 @@ def stop_child(proc: subprocess.Popen, grace: float = 60.0) -> int:
     return proc.returncode
 
 
+class Variant(NamedTuple):
+    r"""One entry of ``--models``: the table's ``label``, the registered
+    ``model`` it trains and its own ``overrides`` (``KEY=VALUE``)."""
+    label: str
+    model: str
+    overrides: tuple[str, ...] = ()
+
+
+def parse_models(text: str) -> list[Variant]:
+    r"""``--models``: plain model names and ``LABEL=MODEL:KEY=VALUE[:...]``
+    variants (see the module docstring)."""
+    variants = []
+    for entry in _split(text, 'models'):
+        if '=' not in entry.split(':', 1)[0]:
+            if ':' in entry:
+                raise ConfigError(f'--models entry {entry!r}: a variant needs a label, '
+                                  f'LABEL=MODEL:KEY=VALUE[:KEY=VALUE...]')
+            variants.append(Variant(entry, entry))
+            continue
+        label, rest = (part.strip() for part in entry.split('=', 1))
+        model, *overrides = (part.strip() for part in rest.split(':'))
+        if (not label or not model or not overrides
+                or any('=' not in o or o.startswith('=') for o in overrides)):
+            raise ConfigError(f'--models entry {entry!r} is not LABEL=MODEL:KEY=VALUE'
+                              f'[:KEY=VALUE...]')
+        if not all(c.isalnum() or c in '-_' for c in label):
+            raise ConfigError(f'--models entry {entry!r}: the label {label!r} names a '
+                              f'folder; use letters, digits, - and _')
+        variants.append(Variant(label, model, tuple(overrides)))
+    labels = [v.label for v in variants]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f'--models repeats a label: {text!r}')
+    return variants
+
+
 def _mean_std(values: Sequence[float]) -> dict[str, Any]:
     values = [float(v) for v in values]
     return {'mean': statistics.fmean(values),
@@ -248,6 +295,11 @@ def to_markdown(summary: dict[str, Any]) -> str:
                   _cell(row['seconds_per_epoch'], 2), _cell(row['eval_seconds'], 2),
                   _cell(row['peak_memory_mb'], 0)]
         lines.append('| ' + ' | '.join(cells) + ' |')
+    variants = summary.get('variants')
+    if variants:
+        lines += ['', 'Variants: ' + '; '.join(
+            f"{label} = {v['model']} with " + ', '.join(f'`{o}`' for o in v['overrides'])
+            for label, v in variants.items()) + '.']
     tuning = summary.get('tuning')
     if tuning:
         lines += ['', f'Tuning (seed {seeds[0]}, selected by validation {stop}; the same '
@@ -300,12 +352,14 @@ def _train(args: argparse.Namespace, model: str, seed: int, out: Path,
     return 'completed' if code == 0 else f'exit code {code}'
 
 
-def tune(args: argparse.Namespace, models: Sequence[str], seed: int, output: Path,
+def tune(args: argparse.Namespace, variants: Sequence[Variant], seed: int, output: Path,
          data_box: list) -> dict[str, dict[str, Any]]:
     r"""Searches every model's declared space on validation with ``seed``;
-    returns per model the winner's parameters, its run directory and the
-    budget spent (points, epochs)."""
-    spaces = {model: search_space(model) for model in models}
+    returns per model (label) the winner's parameters, its run directory and
+    the budget spent (points, epochs)."""
+    by_label = {v.label: v for v in variants}
+    models = list(by_label)
+    spaces = {v.label: search_space(v.model) for v in variants}
     sizes = {model: len(expand_grid(space)) for model, space in spaces.items()}
     if len(set(sizes.values())) != 1:
         raise ConfigError('--tune needs the same number of search points for every model '
@@ -318,8 +372,9 @@ def tune(args: argparse.Namespace, models: Sequence[str], seed: int, output: Pat
         done = out / 'results.json'
         if not (args.resume and done.is_file()):
             print(f'== tuning {model} ({sizes[model]} points), seed {seed} -> {out}', flush=True)
-            status = _train(args, model, seed, out, _grid_overrides(spaces[model]),
-                            data_box)
+            variant = by_label[model]
+            status = _train(args, variant.model, seed, out,
+                            [*variant.overrides, *_grid_overrides(spaces[model])], data_box)
             if status not in FINISHED:
                 raise RuntimeError(f'tuning {model} did not finish ({status}); '
                                    f'rerun with --resume to continue')
@@ -370,29 +425,33 @@ def significance(runs: Sequence[dict[str, Any]], target: str, rows: Sequence[dic
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
-    models = _split(args.models, 'models')
+    variants = {v.label: v for v in parse_models(args.models)}
+    models = list(variants)
     seeds = _split(args.seeds, 'seeds', int)
     output = Path(args.output or REPO_ROOT / 'benchmarks' / 'results' / f'compare-{args.dataset}')
     target = args.target or ('crane' if 'crane' in models else models[0])
     if target not in models:
         raise ConfigError(f'--target {target!r} is not among --models {models}')
     # resolve every configuration first: a typo fails before hours of training
-    configs = {(m, s): load_config(model=m, dataset=args.dataset, config_file=args.config,
-                                   overrides=args.overrides, flags=_flags(args, s))
+    configs = {(m, s): load_config(model=variants[m].model, dataset=args.dataset,
+                                   config_file=args.config,
+                                   overrides=[*args.overrides, *variants[m].overrides],
+                                   flags=_flags(args, s))
                for m in models for s in seeds}
     locate_dataset(next(iter(configs.values())).dataset)  # a clear error if it is missing
     data_box: list = []
-    tuned = tune(args, models, seeds[0], output, data_box) if args.tune else {}
+    tuned = tune(args, list(variants.values()), seeds[0], output, data_box) if args.tune else {}
     runs = []
     for (model, seed), config in configs.items():
-        extra = _point_overrides(tuned[model]['params']) if model in tuned else []
+        extra = [*variants[model].overrides,
+                 *(_point_overrides(tuned[model]['params']) if model in tuned else [])]
         out = output / f'{model}-seed{seed}'
         if model in tuned and seed == seeds[0]:
             out = Path(tuned[model]['winner_dir'])  # the winning search run is this seed's run
         done = out / 'results.json'
         if not (args.resume and done.is_file()) and not (model in tuned and seed == seeds[0]):
             print(f'== {model}, seed {seed} -> {out}', flush=True)
-            status = _train(args, model, seed, out, extra, data_box)
+            status = _train(args, variants[model].model, seed, out, extra, data_box)
             if status not in FINISHED:
                 raise RuntimeError(f'run {model} seed {seed} did not finish ({status}); '
                                    f'rerun with --resume to continue')
@@ -408,6 +467,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     rows = summarise(runs, models)
     summary = {
         'dataset': args.dataset, 'models': models, 'seeds': seeds,
+        'variants': {v.label: {'model': v.model, 'overrides': list(v.overrides)}
+                     for v in variants.values() if v.overrides} or None,
         'stop_metric': runs[0]['stop_metric'],
         'device': ', '.join(sorted({r['device'] for r in runs})),
         'peak_memory_source': ', '.join(sorted({r['peak_memory_source'] for r in runs}))

@@ -493,6 +493,36 @@ def test_compare_models_subprocess_and_errors(tiny, tmp_path, capsys):
     assert compare_models.main(tiny + ['--seeds', '1,x']) == 2
 
 
+def test_compare_models_variants_train_each_with_its_overrides(tiny, tmp_path, capsys):
+    """``LABEL=MODEL:KEY=VALUE`` entries (ablations): each variant trains its
+    model with its own overrides into ``<LABEL>-seed<seed>``, is a row of its
+    own and is tested against the target per user."""
+    compare_models = load_compare_models()
+    out = tmp_path / 'cmp'
+    argv = tiny + ['--models', 'lightgcn,one-layer=lightgcn:model.num_layers=1:train.lr=0.01',
+                   '--seeds', '1', '--epochs', '1', '--output', str(out), '--in-process',
+                   '--target', 'lightgcn'] + FAST
+    assert compare_models.main(argv) == 0
+    summary = json.loads((out / 'comparison.json').read_text())
+    assert summary['models'] == ['lightgcn', 'one-layer']
+    assert summary['variants'] == {'one-layer': {
+        'model': 'lightgcn', 'overrides': ['model.num_layers=1', 'train.lr=0.01']}}
+    config = json.loads((out / 'one-layer-seed1' / 'results.json').read_text())['config']
+    assert config['model']['name'] == 'lightgcn' and config['model']['num_layers'] == 1
+    assert config['train']['lr'] == 0.01
+    plain = json.loads((out / 'lightgcn-seed1' / 'results.json').read_text())['config']
+    assert plain['model']['num_layers'] != 1 and plain['train']['lr'] != 0.01
+    assert set(summary['significance']['against']) == {'one-layer'}
+    markdown = (out / 'comparison.md').read_text()
+    assert '| one-layer | 1 |' in markdown and '`model.num_layers=1`' in markdown
+    capsys.readouterr()
+    for bad in ('x=lightgcn', 'lightgcn:model.num_layers=1', 'a/b=lightgcn:model.num_layers=1',
+                'x=lightgcn:num_layers', 'lightgcn,lightgcn', 'x=lightgcn:model.nope=1'):
+        assert compare_models.main(tiny + ['--models', bad, '--output', str(out)]) == 2, bad
+        err = capsys.readouterr().err
+        assert err.startswith('compare_models.py: error:') and 'Traceback' not in err, err
+
+
 def _processes_mentioning(text: str) -> list[int]:
     """PIDs (Linux /proc) whose command line contains ``text``."""
     pids = []
