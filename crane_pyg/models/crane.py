@@ -333,7 +333,7 @@ class CRANE(Recommender):
             content view weighs in the score instead of a fixed norm.
             Needs ``semantic_scale``. (default: :obj:`False`)
         semantic_gate (bool): the content codes *gate* the ID embeddings
-            instead of standing for the nodes themselves (3b. above):
+            instead of standing for the nodes themselves (3. above):
             :math:`\mathbf{z}_v \leftarrow \mathbf{e}^{(0)}_v \odot
             \sigma(\mathbf{z}_v)` for items and users, before the item graph,
             the item mean and ``semantic_scale`` (MGCN's behaviour-guided
