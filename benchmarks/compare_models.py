@@ -196,9 +196,11 @@ def stop_child(proc: subprocess.Popen, grace: float = 60.0) -> int:
     no run is left behind: a Ctrl-C in a terminal has reached the child
     already (same process group), so it gets two seconds to save its
     checkpoint and exit; otherwise (this script was sent SIGTERM) it is sent
-    SIGINT, which makes the trainer save a checkpoint and exit with code
-    130, and after :obj:`grace` seconds it is killed. Returns its exit code."""
-    for action, timeout in ((None, 2.0), (signal.SIGINT, grace), (signal.SIGKILL, None)):
+    SIGTERM, which makes the trainer save a checkpoint and exit with code
+    130 (SIGINT would not: a job started in the background by a shell
+    ignores it, and so do its children), and after :obj:`grace` seconds it
+    is killed. Returns its exit code."""
+    for action, timeout in ((None, 2.0), (signal.SIGTERM, grace), (signal.SIGKILL, None)):
         if proc.poll() is not None:
             break
         if action is not None:

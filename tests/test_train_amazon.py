@@ -537,20 +537,28 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 @pytest.mark.skipif(not Path('/proc/self/cmdline').exists(), reason='needs Linux /proc')
-def test_compare_models_sigterm_stops_the_training_subprocess(tiny, tmp_path):
-    """``kill <compare_models>`` ends its training subprocess (which saves a
-    checkpoint on the SIGINT it is sent) instead of leaving it running."""
+@pytest.mark.parametrize('background', [False, True], ids=['foreground', 'sigint-ignored'])
+def test_compare_models_sigterm_stops_the_training_subprocess(tiny, tmp_path, background):
+    """``kill <compare_models>`` ends its training subprocess, which saves a
+    checkpoint and prints how to resume, instead of leaving it running; also
+    when the job was started in the background by a shell (SIGINT ignored
+    by it and by its children, so only SIGTERM reaches the trainer)."""
     import signal
     import time
     out = tmp_path / 'cmp'
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
     log = tmp_path / 'stderr.txt'
+
+    def ignore_sigint():  # what `command &` does to a job in a non-interactive shell
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     with open(log, 'wb') as stderr:  # a file: a pipe would wait for the child's end too
         parent = subprocess.Popen(
             [sys.executable, str(REPO / 'benchmarks' / 'compare_models.py'), *tiny,
              '--models', 'lightgcn', '--seeds', '3', '--epochs', '100000', '--output', str(out),
              *FAST, '--set', 'train.num_threads=1', '--set', 'train.patience=100000'],
-            env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+            env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+            preexec_fn=ignore_sigint if background else None)
     run_dir = str(out / 'lightgcn-seed3')
     children = []
     try:
@@ -564,7 +572,10 @@ def test_compare_models_sigterm_stops_the_training_subprocess(tiny, tmp_path):
         assert parent.wait(timeout=120) == 130
         left = [pid for pid in children if pid in _processes_mentioning(run_dir)]
         assert not left, f'training subprocess {left} still running'
-        assert 'interrupted' in log.read_text()
+        text = log.read_text()
+        assert 'interrupted' in text
+        # the trainer itself stopped (a killed child prints nothing)
+        assert 'to resume: ' in text and '--resume' in text
     finally:  # never leave a process behind, whatever failed
         for pid in [parent.pid] + children:
             try:
