@@ -136,18 +136,27 @@ def test_users_without_items_get_zero_profiles(knn_data):
             assert torch.isfinite(model.embeddings()[0]).all()
 
 
-@pytest.mark.parametrize('mode', ['profile', 'items', 'both'])
-@pytest.mark.parametrize('scale', [None, 0.5])
-def test_semantic_view(knn_data, mode, scale):
-    model = _model(knn_data, user_semantic=mode, num_ii_layers=2,
-                   semantic_scale=scale).eval()
-    mean, _ = _mean_matrix(knn_data)
+def _reference_parts(model, data, mode):
+    """Dense float64 pieces of the semantic view: the users' mean matrix, the
+    item graph S and the RCA codes of all items and (unless ``mode ==
+    'items'``) all users' profiles."""
+    mean, _ = _mean_matrix(data)
     s = _dense(model.item_adj_index, model.item_adj_weight, model.num_items)
     with torch.no_grad():
         x_item = model.encode_items()
         z_item = model.rca(x_item).double()
         z_user = (None if mode == 'items'
                   else model.rca(model.profiles(x_item, None, model.encoders)).double())
+    return mean, s, z_item, z_user
+
+
+@pytest.mark.parametrize('mode', ['profile', 'items', 'both'])
+@pytest.mark.parametrize('scale', [None, 0.5])
+def test_semantic_view(knn_data, mode, scale):
+    model = _model(knn_data, user_semantic=mode, num_ii_layers=2,
+                   semantic_scale=scale).eval()
+    mean, s, z_item, z_user = _reference_parts(model, knn_data, mode)
+    with torch.no_grad():
         h_user, h_item = model.semantic()
         users = torch.tensor([5, 2, 9])
         h_user_sub, h_item_again = model.semantic(users)
@@ -171,11 +180,8 @@ def test_semantic_view(knn_data, mode, scale):
 def test_semantic_gate_gates_the_id_embeddings_with_the_codes(knn_data, mode):
     model = _model(knn_data, user_semantic=mode, semantic_gate=True,
                    semantic_scale=None).eval()
-    mean, _ = _mean_matrix(knn_data)
-    s = _dense(model.item_adj_index, model.item_adj_weight, model.num_items)
+    mean, s, z_item, z_user = _reference_parts(model, knn_data, mode)
     with torch.no_grad():
-        x_item = model.encode_items()
-        z_item = model.rca(x_item).double()
         e_item = model.item_embedding.weight.double()
         e_user = model.user_embedding.weight.double()
         h_user, h_item = model.semantic()
@@ -184,8 +190,7 @@ def test_semantic_gate_gates_the_id_embeddings_with_the_codes(knn_data, mode):
     if mode == 'items':
         ref_user = ref_mean
     else:
-        z_user = model.rca(model.profiles(x_item, None, model.encoders)).double()
-        ref_profile = e_user * torch.sigmoid(z_user.detach())
+        ref_profile = e_user * torch.sigmoid(z_user)
         ref_user = ref_profile if mode == 'profile' else 0.5 * (ref_profile + ref_mean)
     torch.testing.assert_close(h_item.double(), ref_item, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h_user.double(), ref_user, atol=1e-5, rtol=1e-5)
