@@ -670,8 +670,17 @@ class CRANE(Recommender):
         r"""The semantic view :math:`(\mathbf{H}_{users}, \mathbf{H}_I)`:
         ``[U_b, d]`` for :obj:`users` (all users when :obj:`None`) and
         ``[I, d]`` for all items."""
-        x_item = self.encode_items()
-        z_item, z_user = self.semantic_codes(x_item, users)
+        z_item, z_user = self.semantic_codes(self.encode_items(), users)
+        return self.semantic_from_codes(z_item, z_user, users)
+
+    def semantic_from_codes(self, z_item: Tensor, z_user: Optional[Tensor],
+                            users: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        r"""The semantic view from the RCA codes of *all* items, ``[I, d]``,
+        and of :obj:`users` (:obj:`None` where the user view does not need
+        them): the gate (``semantic_gate``), the item graph, the users' item
+        mean and :meth:`semantic_output`. :meth:`semantic` computes the codes
+        exactly; :class:`~crane_pyg.models.CachedSemanticCRANE` reads most of
+        them from its cache."""
         z_item, z_user = self.gate_codes(z_item, None, z_user, users)
         h_item = self.smooth_items(z_item) if self.propagate_items else z_item
         item_mean = None

@@ -118,14 +118,7 @@ class CachedSemanticCRANE(nn.Module):
         z_fresh, z_user = model.semantic_codes(model.encode_items(fresh), batch_users)
         cache = self._cache
         z_item = cache.index_copy(0, fresh, z_fresh.to(cache.dtype))
-        z_item, z_user = model.gate_codes(z_item, None, z_user, batch_users)
-        h_item = model.smooth_items(z_item) if model.propagate_items else z_item
-        item_mean = None
-        if model.needs_item_mean:
-            item_mean = model.item_mean((h_item, None), model.item_user_index,
-                                         size=(model.num_items, model.num_users))
-            item_mean = item_mean.index_select(0, batch_users)
-        h_user, h_item = model.semantic_output(z_user, item_mean, h_item)
+        h_user, h_item = model.semantic_from_codes(z_item, z_user, batch_users)
         self.last_stats = {'fresh_items': int(fresh.numel()), 'items': int(cache.size(0))}
         e_user = e_user.index_select(0, batch_users)
         e_rows, h_rows = e_item.index_select(0, rows), h_item.index_select(0, rows)

@@ -103,11 +103,6 @@ RESUMABLE_CHANGES = ('train.epochs', 'train.patience', 'train.device', 'train.ev
 LATER_OPTIONS = {'train.mask_valid_in_test': False, 'train.precision': 'fp32',
                  'train.semantic_cache': None, 'model.semantic_gate': False}
 
-
-def _without_later_defaults(flat: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in flat.items()
-            if not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
-
 Callback = Callable[['Trainer', dict], None]
 
 
@@ -380,8 +375,8 @@ class Trainer:
         if state.get('sampler_seed') != self.sampler.seed:
             raise CheckpointError(f'{path} was written with seed {state.get("sampler_seed")}, '
                                   f'this run uses seed {self.sampler.seed}')
-        old = _without_later_defaults(_flatten(state.get('config', {})))
-        new = _without_later_defaults(_flatten(to_jsonable(self.experiment)))
+        old = _flatten(state.get('config', {}))
+        new = _flatten(to_jsonable(self.experiment))
         changed = sorted(k for k in set(old) | set(new)
                          if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
         if changed:
@@ -688,7 +683,7 @@ def run_name(dataset: str, model: str, seed: int, experiment: Mapping[str, Any])
     may change (:data:`RESUMABLE_CHANGES`: epochs, patience, device, ...).
     So a run with other settings gets a folder of its own, and the same
     command plus ``--resume`` (with more epochs, say) finds its run."""
-    flat = _without_later_defaults(_flatten(to_jsonable(dict(experiment))))
+    flat = _flatten(to_jsonable(dict(experiment)))
     kept = {k: v for k, v in flat.items()
             if k not in RESUMABLE_CHANGES and k != 'dataset.root'}
     text = json.dumps(kept, sort_keys=True, default=str)
@@ -700,7 +695,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
     for key, value in tree.items():
         if isinstance(value, Mapping) and key in ('dataset', 'model', 'train', 'grid'):
             out.update(_flatten(value, f'{prefix}{key}.'))
-        else:
+        elif LATER_OPTIONS.get(f'{prefix}{key}', ...) != value:  # at an older run's value: left out
             out[f'{prefix}{key}'] = value
     return out
 
