@@ -32,7 +32,12 @@ as the peak memory:
    ``train.semantic_cache = T`` (:mod:`crane_pyg.models.semantic_cache`; the
    model ``crane``'s weights): its cache refresh is timed apart
    (``refresh_s``) and its epoch adds ``ceil(num_batches / T)`` refreshes
-   (the timed steps do not refresh). ``train_epoch`` repeats CRANE's entry in the first precision
+   (the timed steps do not refresh). With ``--num-neighbors K1,K2``,
+   ``crane-mb`` is CRANE's sampled-subgraph loss
+   (:class:`~crane_pyg.models.MiniBatchCRANE`, ``train.num_neighbors``), with
+   the cache too when ``--semantic-cache`` is given (the batch's items
+   through RCA, every neighbour's code cached; refreshes counted as for
+   ``crane-cache``). ``train_epoch`` repeats CRANE's entry in the first precision
    (the stage of earlier versions of this script);
 3. one full-ranking evaluation of CRANE (first precision;
    :class:`~crane_pyg.metrics.FullRankingEvaluator`, validation split, all
@@ -99,6 +104,10 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument('--semantic-cache', type=int, default=None, metavar='T',
                         help='also time crane-cache: CRANE with train.semantic_cache=T (the '
                              'model crane\'s weights; needs crane in --models)')
+    parser.add_argument('--num-neighbors', default=None, metavar='K1,K2',
+                        help='also time crane-mb: CRANE\'s mini-batch loss with this '
+                             'user-item fan-out per layer (-1: all), with the cache when '
+                             '--semantic-cache is given (needs crane in --models)')
     parser.add_argument('--threads', type=int, default=None,
                         help='torch CPU threads (default: torch\'s default)')
     args = parser.parse_args(argv)
@@ -113,6 +122,15 @@ def main(argv=None) -> Dict[str, Any]:
         if 'crane' not in names or args.semantic_cache < 1:
             parser.error('--semantic-cache needs crane in --models and T >= 1')
         names.insert(names.index('crane') + 1, 'crane-cache')
+    fanouts = None
+    if args.num_neighbors is not None:
+        try:
+            fanouts = [int(k) for k in args.num_neighbors.split(',')]
+        except ValueError:
+            parser.error(f'--num-neighbors: comma-separated ints, got {args.num_neighbors!r}')
+        if 'crane' not in names:
+            parser.error('--num-neighbors needs crane in --models')
+        names.insert(names.index('crane') + 1 + ('crane-cache' in names), 'crane-mb')
     if args.rounds < 1 or args.warmup_batches < 0:
         parser.error('--rounds must be >= 1 and --warmup-batches >= 0')
 
@@ -183,7 +201,7 @@ def main(argv=None) -> Dict[str, Any]:
     models, optimizers, built = {}, {}, {}
     t0 = time.perf_counter()
     for name in names:
-        if name == 'crane-cache':
+        if name in ('crane-cache', 'crane-mb'):
             continue
         t1 = time.perf_counter()
         torch.manual_seed(args.seed)
@@ -199,6 +217,11 @@ def main(argv=None) -> Dict[str, Any]:
         from crane_pyg.models.semantic_cache import CachedSemanticCRANE
         models['crane-cache'], optimizers['crane-cache'] = models['crane'], optimizers['crane']
         losses['crane-cache'] = CachedSemanticCRANE(models['crane'], args.semantic_cache)
+    if fanouts is not None:
+        from crane_pyg.models import MiniBatchCRANE
+        models['crane-mb'], optimizers['crane-mb'] = models['crane'], optimizers['crane']
+        losses['crane-mb'] = MiniBatchCRANE(models['crane'], fanouts,
+                                            semantic_cache=args.semantic_cache)
     refreshes: Dict[str, list] = {}
 
     # -- training epochs, side by side and interleaved ----------------------
@@ -225,11 +248,12 @@ def main(argv=None) -> Dict[str, Any]:
             synchronize(device)
             starts[key].append(time.perf_counter() - t0)
             loss_fn = losses[name]
-            if name == 'crane-cache':  # the epoch's first refresh, timed apart
+            cache = getattr(loss_fn, 'cache', None)  # crane-cache, crane-mb with the cache
+            if cache is not None:  # the epoch's first refresh, timed apart
                 loss_fn.on_epoch_start(rnd)
                 t0 = time.perf_counter()
                 with autocast(used[precision], device):
-                    loss_fn.refresh()
+                    cache.refresh()
                 synchronize(device)
                 refreshes.setdefault(key, []).append(time.perf_counter() - t0)
             for k in range(warmup + timed):
@@ -238,8 +262,8 @@ def main(argv=None) -> Dict[str, Any]:
                     batch = next(batches)
                 users, pos, neg = (t.to(device) for t in batch)
                 opt.zero_grad(set_to_none=True)
-                if name == 'crane-cache':  # refreshes within the timed steps: none
-                    loss_fn.skip_next_refresh()
+                if cache is not None:  # refreshes within the timed steps: none
+                    cache.skip_next_refresh()
                 with autocast(used[precision], device):
                     loss, _ = loss_fn(users, pos, neg)
                 loss.backward()

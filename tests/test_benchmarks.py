@@ -142,7 +142,7 @@ def test_electronics_quick(tmp_path):
     res = electronics_scale.main(['--quick', '--device', 'cpu', '--max-batches', '1',
                                   '--knn-sample-items', '100', '--max-eval-users', '200',
                                   '--precisions', 'fp32,bf16', '--semantic-cache', '2',
-                                  '--output', str(out)])
+                                  '--num-neighbors', '5,5', '--output', str(out)])
     saved = json.loads(out.read_text())
     assert saved['stages'].keys() == {'build_data', 'knn_build', 'build_model', 'side_by_side',
                                       'train_epoch', 'evaluation'}
@@ -152,8 +152,11 @@ def test_electronics_quick(tmp_path):
     assert train['time_s'] == pytest.approx(train['epoch_start_s']
                                             + train['seconds_per_batch'] * train['num_batches'])
     side = saved['stages']['side_by_side']['settings']
-    assert set(side) == {f'{m}/{p}' for m in ('crane', 'crane-cache', 'freedom', 'lightgcn')
-                         for p in ('fp32', 'bf16')}
+    assert set(side) == {f'{m}/{p}' for m in ('crane', 'crane-cache', 'crane-mb', 'freedom',
+                                              'lightgcn') for p in ('fp32', 'bf16')}
+    # the cached settings add their refreshes: ceil(3 batches / T=2) per epoch
+    assert side['crane-cache/fp32']['refreshes_per_epoch'] == 2
+    assert side['crane-mb/fp32']['refreshes_per_epoch'] == 2
     assert side['crane/fp32']['time_s'] == pytest.approx(train['time_s'])
     assert side['freedom/fp32']['ratio_to_freedom'] == pytest.approx(1.0)
     assert all(e['time_s'] > 0 and e['extrapolated'] for e in side.values())

@@ -87,6 +87,18 @@ of 2048 triples, fan-out ``-1`` and a dense graph :math:`S_{L_{ii}}` can be
 all :math:`I` items and a step costs more than full-batch (the sampling
 comes on top).
 
+**With the semantic cache** (``semantic_cache=T``, ``train.semantic_cache``
+together with ``train.num_neighbors``): only the batch's own positive and
+negative items (and the contrastive items) go through the encoders and RCA;
+the codes :math:`\mathbf{z}_j` of every other item of :math:`S_{L_{ii}}`
+(the item-graph neighbours, the batch users' items of the item mean) are read
+from a :class:`~crane_pyg.models.semantic_cache.SemanticCodeCache`
+refreshed at each epoch start and every :math:`T` steps. The content side of
+a step is then :math:`O(2B (\sum_m d_m d + R M d^2))` whatever the
+catalogue, plus the refreshes (:math:`O(I (\sum_m d_m d + R M d^2))`
+without gradient, :math:`\lceil \text{steps} / T \rceil` per epoch).
+Right after a refresh, at fan-out ``-1``, the loss equals the exact one.
+
 When to choose it: when a full-batch step runs out of device memory (large
 :math:`U + I`, large :math:`d` or many layers, high-dimensional features
 times many items) and data-parallel training alone does not help (every
@@ -118,6 +130,7 @@ from torch_geometric.nn import LGConv
 from crane_pyg.models.base import check_bipartite_edge_index
 from crane_pyg.models.crane import CRANE
 from crane_pyg.models.lightgcn import LightGCN
+from crane_pyg.models.semantic_cache import SemanticCodeCache
 from crane_pyg.nn import ItemItemConv, gcn_norm_bipartite
 
 __all__ = ['UserItemSubgraphSampler', 'Subgraph', 'MiniBatchLightGCN', 'MiniBatchCRANE',
@@ -380,18 +393,27 @@ class MiniBatchCRANE(nn.Module):
             (``user_semantic`` ``'items'``/``'both'``), ``-1`` for all
             (default: ``num_neighbors[0]``, or ``-1`` when
             ``num_ui_layers == 0``). The item-item graph is never sampled.
+        semantic_cache (int, optional): read the codes of the items outside
+            the batch from a cache refreshed every this many steps (see
+            above); :obj:`None`: every needed item through RCA.
+            (default: :obj:`None`)
 
     Attributes:
         last_stats (dict): sizes of the last step: ``'users'`` (:math:`U_b`),
             ``'ui_nodes'`` (nodes of the user-item subgraph), ``'items_seed'``
             (:math:`|S_0|`), ``'items_encoded'`` (items through the encoders
             and RCA), ``'item_edges'`` (item-item edges propagated).
+        cache (SemanticCodeCache or None): the items' cached codes
+            (``semantic_cache``).
     """
 
     def __init__(self, model: nn.Module, num_neighbors: Sequence[int] | None = None,
-                 item_mean_fanout: int | None = None) -> None:
+                 item_mean_fanout: int | None = None,
+                 semantic_cache: int | None = None) -> None:
         super().__init__()
         num_neighbors = _fanouts(self, model, CRANE, 'num_ui_layers', num_neighbors)
+        self.cache = (None if semantic_cache is None
+                      else SemanticCodeCache(model, semantic_cache))
         if item_mean_fanout is None:
             item_mean_fanout = num_neighbors[0] if num_neighbors else -1
         self.model = model
@@ -536,11 +558,20 @@ class MiniBatchCRANE(nn.Module):
             nodes = torch.cat([nodes, extra[~torch.isin(extra, nodes)]])
             profile_nodes = (prof_seg, prof_item)
 
-        x_item = model.encode_items(nodes)  # the encoders on the needed rows only
-        profiles = None
-        if profile_nodes is not None:
-            profiles = self._aggregate_profiles(x_item, nodes, batch_users, *profile_nodes)
-        z_item, z_user = model.semantic_codes(x_item[:num_nodes], batch_users, profiles)
+        if self.cache is None:
+            x_item = model.encode_items(nodes)  # the encoders on the needed rows only
+            profiles = None
+            if profile_nodes is not None:
+                profiles = self._aggregate_profiles(x_item, nodes, batch_users,
+                                                    *profile_nodes)
+            z_item, z_user = model.semantic_codes(x_item[:num_nodes], batch_users, profiles)
+            encoded = nodes.numel()
+        else:  # the batch's own items fresh (nodes start with them), the rest cached
+            codes = self.cache.next_step()
+            z_fresh, z_user = model.semantic_codes(model.encode_items(items), batch_users)
+            z_item = torch.cat([z_fresh.to(codes.dtype),
+                                codes.index_select(0, nodes[num_items:num_nodes])])
+            encoded = num_items
         z_item, z_user = model.gate_codes(z_item, nodes[:num_nodes], z_user, batch_users)
         h = z_item
         if self.item_conv is not None:
@@ -559,7 +590,7 @@ class MiniBatchCRANE(nn.Module):
                                     device=h.device).index_add(
                 0, mean_seg, rows * inv.index_select(0, mean_seg).unsqueeze(-1))
         h_user, h_item = model.semantic_output(z_user, item_mean, h_seeds[:num_items])
-        self.last_stats.update(items_seed=int(num_seeds), items_encoded=int(nodes.numel()),
+        self.last_stats.update(items_seed=int(num_seeds), items_encoded=int(encoded),
                                item_edges=int(edge_index.size(1)))
         return h_user, h_item
 
@@ -606,9 +637,15 @@ class MiniBatchCRANE(nn.Module):
         return model.objective(users, pos_items, neg_items, user_pos, e_user, h_user,
                                e_rows, h_rows)
 
+    def on_epoch_start(self, epoch: int) -> None:
+        r"""The cache (``semantic_cache``) is refreshed at the epoch's first step."""
+        if self.cache is not None:
+            self.cache.on_epoch_start(epoch)
+
     def extra_repr(self) -> str:
+        cache = '' if self.cache is None else f', semantic_cache={self.cache.refresh_every}'
         return (f'num_neighbors={self.num_neighbors}, '
-                f'item_mean_fanout={self.item_mean_fanout}')
+                f'item_mean_fanout={self.item_mean_fanout}{cache}')
 
 
 def _same_key(old: Tuple[Any, ...], new: Tuple[Any, ...]) -> bool:
@@ -617,8 +654,8 @@ def _same_key(old: Tuple[Any, ...], new: Tuple[Any, ...]) -> bool:
     return all((a is b) if isinstance(a, Tensor) else a == b for a, b in zip(old, new))
 
 
-def minibatch_loss_module(model: nn.Module, num_neighbors: Sequence[int] | None = None
-                          ) -> nn.Module:
+def minibatch_loss_module(model: nn.Module, num_neighbors: Sequence[int] | None = None,
+                          semantic_cache: int | None = None) -> nn.Module:
     r"""The mini-batch loss module of :obj:`model`: :class:`MiniBatchCRANE` for
     :class:`~crane_pyg.models.CRANE`, :class:`MiniBatchLightGCN` for
     :class:`~crane_pyg.models.LightGCN` (what the trainer uses when
@@ -629,7 +666,10 @@ def minibatch_loss_module(model: nn.Module, num_neighbors: Sequence[int] | None 
             loss; train them full-batch, ``train.num_neighbors: null``).
     """
     if isinstance(model, CRANE):
-        return MiniBatchCRANE(model, num_neighbors)
+        return MiniBatchCRANE(model, num_neighbors, semantic_cache=semantic_cache)
+    if semantic_cache is not None:
+        raise TypeError(f'train.semantic_cache supports CRANE only, got '
+                        f'{type(model).__name__}; set train.semantic_cache to null')
     if isinstance(model, LightGCN):
         return MiniBatchLightGCN(model, num_neighbors)
     raise TypeError(f'mini-batch training (train.num_neighbors) supports CRANE and '

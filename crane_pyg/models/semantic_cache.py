@@ -31,6 +31,12 @@ rebuilt from the checkpoint's weights on resume and a resumed run is exact.
 
 Needs ``precompute_profiles=True`` (CRANE's default) when the user view uses
 the profiles: otherwise a user's profile reads every item's encoding.
+
+The codes and their schedule are a :class:`SemanticCodeCache`; the
+sampled-subgraph loss :class:`~crane_pyg.models.MiniBatchCRANE` reads the
+same cache (``train.semantic_cache`` with ``train.num_neighbors``), so that
+neither the propagation nor the content side of a step grows with the
+catalogue.
 """
 from __future__ import annotations
 
@@ -41,7 +47,84 @@ from torch import Tensor, nn
 
 from crane_pyg.models.crane import CRANE
 
-__all__ = ['CachedSemanticCRANE']
+__all__ = ['CachedSemanticCRANE', 'SemanticCodeCache']
+
+
+def check_cacheable(model: nn.Module, refresh_every: int) -> None:
+    r"""Raises a clear error when :obj:`model` cannot train with the cache:
+    not a :class:`~crane_pyg.models.CRANE`, ``refresh_every < 1``, or a user
+    view that aggregates every item's encoding in each step
+    (``precompute_profiles=False``)."""
+    if not isinstance(model, CRANE):
+        raise TypeError(f'train.semantic_cache supports CRANE only, got '
+                        f'{type(model).__name__}; set train.semantic_cache to null')
+    if int(refresh_every) < 1:
+        raise ValueError(f'refresh_every must be >= 1, got {refresh_every!r}')
+    if model.needs_z_user and model.use_profiles and not model.precompute_profiles:
+        raise ValueError('train.semantic_cache needs CRANE precompute_profiles=True (the '
+                         'default) when the user view uses the profiles')
+
+
+class SemanticCodeCache:
+    r"""The cache of every item's RCA code :math:`\mathbf{z}_i` of a
+    :class:`~crane_pyg.models.CRANE`, ``[I, d]`` in float32, and its refresh
+    schedule (see the module docstring): :meth:`next_step` returns the codes
+    a training step reads, refreshing them first at the first step of an
+    epoch and every ``refresh_every`` steps of it. Shared by the full-graph
+    :class:`CachedSemanticCRANE` and the sampled-subgraph
+    :class:`~crane_pyg.models.MiniBatchCRANE`.
+
+    Args:
+        model (CRANE): the model whose codes are cached.
+        refresh_every (int): steps between refreshes. (default: ``1``)
+    """
+
+    def __init__(self, model: nn.Module, refresh_every: int = 1) -> None:
+        check_cacheable(model, refresh_every)
+        self.model = model
+        self.refresh_every = int(refresh_every)
+        #: the cached codes (``None`` before the first refresh)
+        self.codes: Optional[Tensor] = None
+        #: refreshes done (for tests and logs)
+        self.refreshes = 0
+        self._step = 0
+        self._refreshed_at = -1  # the step (of the epoch) of the last refresh
+
+    def on_epoch_start(self, epoch: int) -> None:
+        r"""Restarts the step count: the next step refreshes the cache
+        (unless :meth:`refresh` is called first)."""
+        self._step = 0
+        self._refreshed_at = -1
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        r"""Recomputes every item's code (no gradient, dropout off, under the
+        caller's autocast; stored in float32)."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            self.codes = model.rca(model.encode_items()).float()
+        finally:
+            model.train(was_training)
+        self._refreshed_at = self._step
+        self.refreshes += 1
+
+    def skip_next_refresh(self) -> None:
+        r"""The next step reads the current codes even when a refresh is due
+        (benchmarks time the steps and the refreshes apart)."""
+        self._refreshed_at = self._step
+
+    def next_step(self) -> Tensor:
+        r"""The codes of the coming training step, refreshed first when due."""
+        if self.codes is None or (self._step % self.refresh_every == 0
+                                  and self._refreshed_at != self._step):
+            self.refresh()
+        self._step += 1
+        return self.codes
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(refresh_every={self.refresh_every})'
 
 
 class CachedSemanticCRANE(nn.Module):
@@ -58,55 +141,36 @@ class CachedSemanticCRANE(nn.Module):
 
     def __init__(self, model: nn.Module, refresh_every: int = 1) -> None:
         super().__init__()
-        if not isinstance(model, CRANE):
-            raise TypeError(f'train.semantic_cache supports CRANE only, got '
-                            f'{type(model).__name__}; set train.semantic_cache to null')
-        if int(refresh_every) < 1:
-            raise ValueError(f'refresh_every must be >= 1, got {refresh_every!r}')
-        if model.needs_z_user and model.use_profiles and not model.precompute_profiles:
-            raise ValueError('train.semantic_cache needs CRANE precompute_profiles=True (the '
-                             'default) when the user view uses the profiles')
+        #: the items' codes and their refresh schedule
+        self.cache = SemanticCodeCache(model, refresh_every)
         self.model = model
-        self.refresh_every = int(refresh_every)
-        self._cache: Optional[Tensor] = None
-        self._step = 0
-        self._refreshed_at = -1  # the step (of the epoch) of the last refresh
-        #: refreshes done (for tests and logs)
-        self.refreshes = 0
         self.last_stats: Dict[str, int] = {}
 
-    def on_epoch_start(self, epoch: int) -> None:
-        r"""Restarts the step count: the next step refreshes the cache
-        (unless :meth:`refresh` is called first)."""
-        self._step = 0
-        self._refreshed_at = -1
+    @property
+    def refresh_every(self) -> int:
+        return self.cache.refresh_every
 
-    @torch.no_grad()
+    @property
+    def refreshes(self) -> int:
+        r"""Refreshes of the cache so far."""
+        return self.cache.refreshes
+
+    def on_epoch_start(self, epoch: int) -> None:
+        r"""The next step refreshes the cache (:meth:`SemanticCodeCache.on_epoch_start`)."""
+        self.cache.on_epoch_start(epoch)
+
     def refresh(self) -> None:
-        r"""Recomputes every item's code :math:`\mathbf{z}_i` (no gradient,
-        dropout off, under the caller's autocast; stored in float32)."""
-        model = self.model
-        was_training = model.training
-        model.eval()
-        try:
-            self._cache = model.rca(model.encode_items()).float()
-        finally:
-            model.train(was_training)
-        self._refreshed_at = self._step
-        self.refreshes += 1
+        r"""Recomputes every item's code now (:meth:`SemanticCodeCache.refresh`)."""
+        self.cache.refresh()
 
     def skip_next_refresh(self) -> None:
-        r"""The next step reads the current cache even when a refresh is due
-        (benchmarks time the steps and the refreshes apart)."""
-        self._refreshed_at = self._step
+        r"""See :meth:`SemanticCodeCache.skip_next_refresh`."""
+        self.cache.skip_next_refresh()
 
     def forward(self, users: Tensor, pos_items: Tensor,
                 neg_items: Tensor) -> Tuple[Tensor, Dict[str, float]]:
         model = self.model
-        if self._cache is None or (self._step % self.refresh_every == 0
-                                   and self._refreshed_at != self._step):
-            self.refresh()
-        self._step += 1
+        cache = self.cache.next_step()
         model.check_batch(users, pos_items, neg_items)
         batch_users, user_pos = torch.unique(users, return_inverse=True)
         e_user, e_item = model.behavioural(train_graph=model.training)
@@ -116,7 +180,6 @@ class CachedSemanticCRANE(nn.Module):
         rows = torch.cat([pos_items, neg_items, batch_items])
         fresh = torch.unique(rows)
         z_fresh, z_user = model.semantic_codes(model.encode_items(fresh), batch_users)
-        cache = self._cache
         z_item = cache.index_copy(0, fresh, z_fresh.to(cache.dtype))
         h_user, h_item = model.semantic_from_codes(z_item, z_user, batch_users)
         self.last_stats = {'fresh_items': int(fresh.numel()), 'items': int(cache.size(0))}

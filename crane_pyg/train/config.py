@@ -203,7 +203,10 @@ class TrainConfig:
             other item's RCA code from a cache refreshed (without gradient)
             at each epoch start and every this many steps
             (:mod:`crane_pyg.models.semantic_cache`); evaluation stays exact.
-            Not combined with ``num_neighbors``. ``None``: the exact loss.
+            With ``num_neighbors`` the sampled-subgraph loss reads the
+            item-graph neighbours' and the item mean's codes from the cache
+            (:class:`~crane_pyg.models.MiniBatchCRANE`). ``None``: the exact
+            loss.
             (default: ``None``)
         precision (str): ``'fp32'``, ``'bf16'`` (autocast of the dense
             parts: encoders, RCA, InfoNCE, the evaluation's embeddings; the
@@ -278,9 +281,6 @@ def _check_train_values(values: Mapping[str, Any]) -> tuple[str, str] | None:
         if values['semantic_cache'] < 1:
             return 'semantic_cache', (f'must be >= 1 (refresh the cache every this many '
                                       f'steps) or null, got {values["semantic_cache"]!r}')
-        if values.get('num_neighbors') is not None:
-            return 'semantic_cache', ('cannot be combined with train.num_neighbors (the '
-                                      'sampled-subgraph loss); set one of them to null')
     fanout = values.get('num_neighbors')
     if fanout is not None and (len(fanout) == 0 or any(k == 0 or k < -1 for k in fanout)):
         return 'num_neighbors', (f'must be a non-empty list of positive ints or -1 (all '

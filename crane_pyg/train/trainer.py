@@ -157,8 +157,9 @@ class Trainer:
             :func:`~crane_pyg.models.minibatch.minibatch_loss_module`'s
             (:class:`~crane_pyg.models.minibatch.MiniBatchCRANE` for CRANE,
             :class:`~crane_pyg.models.minibatch.MiniBatchLightGCN` for
-            LightGCN; :class:`TypeError` for the other models), or, when
-            ``config.semantic_cache`` is set,
+            LightGCN; :class:`TypeError` for the other models; with
+            ``config.semantic_cache`` too, the CRANE one reads cached codes),
+            or, when only ``config.semantic_cache`` is set,
             :class:`~crane_pyg.models.semantic_cache.CachedSemanticCRANE`
             (CRANE only). A loss module with an ``on_epoch_start(epoch)``
             method has it called after the model's.
@@ -261,7 +262,8 @@ class Trainer:
                           f'compile; running eagerly')
         if loss_module is None and config.num_neighbors is not None:
             from crane_pyg.models.minibatch import minibatch_loss_module  # TypeError: not CRANE/LightGCN
-            loss_module = minibatch_loss_module(self.model, config.num_neighbors)
+            loss_module = minibatch_loss_module(self.model, config.num_neighbors,
+                                                semantic_cache=config.semantic_cache)
         if loss_module is None and config.semantic_cache is not None:
             from crane_pyg.models.semantic_cache import CachedSemanticCRANE  # TypeError: not CRANE
             loss_module = CachedSemanticCRANE(self.model, config.semantic_cache)

@@ -273,3 +273,53 @@ def test_trainer_minibatch_mode_equals_full_batch_crane(synthetic_data, tmp_path
         Trainer(VBPR.from_data(synthetic_data, embedding_dim=4), synthetic_data,
                 dataclasses.replace(config, num_neighbors=(-1,)), tmp_path / 'vbpr',
                 quiet=True, plot=False)
+
+
+@pytest.mark.parametrize('options', [
+    dict(), dict(user_semantic='items'), dict(user_semantic='profile', num_ii_layers=1),
+    dict(semantic_gate=True, semantic_scale=None)], ids=['both', 'items', 'profile', 'gate'])
+def test_crane_full_fanout_with_the_cache_equals_full_batch_after_a_refresh(synthetic_data,
+                                                                            options):
+    """semantic_cache: the batch's items through RCA, every other item's code
+    from the cache; right after a refresh the loss is the exact one, and the
+    gradient reaches the same parameters."""
+    model = crane(synthetic_data, **options).train()
+    plain = MiniBatchCRANE(model)
+    mini = MiniBatchCRANE(model, semantic_cache=4)
+    assert 'semantic_cache=4' in repr(mini)
+    batch = crane_batch(synthetic_data)
+    params = list(model.parameters())
+    torch.manual_seed(5)
+    exact, parts = model.loss(*batch)
+    grads = torch.autograd.grad(exact, params, allow_unused=True)
+    torch.manual_seed(5)
+    plain(*batch)
+    torch.manual_seed(5)
+    cached, cached_parts = mini(*batch)
+    grads_cached = torch.autograd.grad(cached, params, allow_unused=True)
+    torch.testing.assert_close(cached, exact, atol=1e-5, rtol=1e-5)
+    assert cached_parts == pytest.approx(parts, rel=1e-5, abs=1e-7)
+    for name, a, b in zip([n for n, _ in model.named_parameters()], grads_cached, grads):
+        assert (a is None) == (b is None), name
+    assert mini.cache.refreshes == 1
+    # RCA ran on the batch's own items only, fewer than the subgraph needs
+    assert mini.last_stats['items_encoded'] < plain.last_stats['items_encoded']
+    assert mini.last_stats['items_seed'] == plain.last_stats['items_seed']
+
+
+def test_crane_cache_refresh_schedule_in_minibatch_training(synthetic_data):
+    model = crane(synthetic_data).train()
+    mini = MiniBatchCRANE(model, [5, 5], semantic_cache=2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(5):
+        loss, _ = mini(*crane_batch(synthetic_data, seed=step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert mini.cache.refreshes == 3  # steps 0, 2, 4
+    stale = mini.cache.codes.clone()
+    mini.on_epoch_start(1)
+    mini(*crane_batch(synthetic_data, seed=7))
+    assert mini.cache.refreshes == 4 and not torch.equal(stale, mini.cache.codes)
+    with pytest.raises(TypeError, match='CRANE only'):
+        minibatch_loss_module(LightGCN.from_data(synthetic_data), [-1, -1], semantic_cache=2)

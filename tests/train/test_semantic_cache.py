@@ -48,14 +48,14 @@ def test_refresh_schedule_and_epoch_start(synthetic_knn_data):
         loss.backward()
         opt.step()
     assert cached.refreshes == 3  # steps 0, 3, 6
-    stale = cached._cache.clone()
+    stale = cached.cache.codes.clone()
     cached.on_epoch_start(1)
     cached(*bpr_batch(synthetic_knn_data, seed=9))
-    assert cached.refreshes == 4 and not torch.equal(stale, cached._cache)
+    assert cached.refreshes == 4 and not torch.equal(stale, cached.cache.codes)
     with torch.no_grad():
         model.eval()
         fresh = model.rca(model.encode_items())
-    torch.testing.assert_close(cached._cache, fresh)  # no optimizer step since
+    torch.testing.assert_close(cached.cache.codes, fresh)  # no optimizer step since
 
 
 def test_rejects_other_models_and_unsupported_options(synthetic_knn_data, synthetic_data):
@@ -71,8 +71,8 @@ def test_config_key():
     assert load_config('crane', overrides=['train.semantic_cache=10']).train.semantic_cache == 10
     with pytest.raises(ConfigError, match="train.semantic_cache"):
         load_config('crane', overrides=['train.semantic_cache=0'])
-    with pytest.raises(ConfigError, match="num_neighbors"):
-        TrainConfig(semantic_cache=2, num_neighbors=(5, 5))
+    # with num_neighbors the sampled-subgraph loss reads the cache
+    assert TrainConfig(semantic_cache=2, num_neighbors=(5, 5)).semantic_cache == 2
 
 
 def _trainer(data, out, **kwargs):
@@ -93,6 +93,20 @@ def test_evaluation_with_the_cache_is_evaluation_without(synthetic_knn_data, tmp
                     tmp_path / 'b', quiet=True, plot=False)
     assert plain.train_model is trainer.model
     assert plain.evaluate('valid') == with_cache
+
+
+def test_trainer_combines_the_cache_with_minibatch_training(synthetic_knn_data, tmp_path):
+    from crane_pyg.models import MiniBatchCRANE
+    model = small_crane(synthetic_knn_data)
+    config = TrainConfig(epochs=2, batch_size=1024, eval_batch_size=128, seed=3, device='cpu',
+                         semantic_cache=2, num_neighbors=(-1,) * model.num_ui_layers)
+    trainer = Trainer(model, synthetic_knn_data, config, tmp_path, quiet=True, plot=False,
+                      log=lambda line: None)
+    assert isinstance(trainer.train_model, MiniBatchCRANE)
+    assert trainer.train_model.cache.refresh_every == 2
+    result = trainer.fit()
+    assert trainer.train_model.cache.refreshes >= 2  # one per epoch at least
+    assert result['best_epoch'] >= 1
 
 
 def test_resume_with_the_cache_is_exact(synthetic_knn_data, tmp_path):
