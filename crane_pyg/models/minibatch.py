@@ -155,6 +155,23 @@ class Subgraph:
     edge_weight: Tensor
     num_seeds: int
 
+    def receiver_hop(self, num_layers: int) -> Tensor:
+        r"""``[E_s]`` the hop of each edge's receiving node: its distance from
+        the seeds along the sampled edges (seeds 0; ``num_layers`` for nodes
+        farther than ``num_layers - 1`` hops, which receive no edge). Layer
+        :math:`l` of an :math:`L`-layer propagation only has to update the
+        nodes within :math:`L - l` hops, i.e. the edges whose receiver hop is
+        at most :math:`L - l` (:func:`_subgraph_layers`)."""
+        num_nodes = self.node.numel()
+        hop = torch.full((num_nodes,), num_layers, dtype=torch.long)
+        hop[:self.num_seeds] = 0
+        src, dst = self.edge_index[0], self.edge_index[1]
+        for h in range(1, num_layers):
+            reached = src[hop[dst] == h - 1]
+            reached = reached[hop[reached] > h]
+            hop[reached] = h
+        return hop[dst]
+
 
 class UserItemSubgraphSampler:
     r"""Samples the :math:`L`-hop neighbourhood of users and items on the
@@ -225,9 +242,16 @@ def _subgraph_layers(sub: 'Subgraph', conv: nn.Module, num_layers: int,
                       model.item_embedding)
     edge_index = sub.edge_index.to(x.device)
     edge_weight = sub.edge_weight.to(x.device, x.dtype)
+    hop = sub.receiver_hop(num_layers).to(x.device)
     layers = [x]
-    for _ in range(num_layers):
-        layers.append(conv(layers[-1], edge_index, edge_weight))
+    for layer in range(1, num_layers + 1):
+        # only the nodes within L - l hops are read later (the last layer: the
+        # seeds); the other rows of this layer stay zero
+        keep = hop <= num_layers - layer
+        if bool(keep.all()):
+            layers.append(conv(layers[-1], edge_index, edge_weight))
+        else:
+            layers.append(conv(layers[-1], edge_index[:, keep], edge_weight[keep]))
     return layers
 
 

@@ -11,7 +11,8 @@ import torch_geometric.typing as pyg_typing
 
 from crane_pyg.models import CRANE, VBPR, LightGCN
 from crane_pyg.models.minibatch import (MiniBatchCRANE, MiniBatchLightGCN,
-                                       UserItemSubgraphSampler, minibatch_loss_module)
+                                       Subgraph, UserItemSubgraphSampler,
+                                       minibatch_loss_module)
 
 pytestmark = pytest.mark.skipif(
     not (pyg_typing.WITH_PYG_LIB or pyg_typing.WITH_TORCH_SPARSE),
@@ -78,6 +79,17 @@ def test_partial_fanout_bounds_the_subgraph_and_rescales():
     # weight = 1 / sqrt(d_u d_i), rescaled by full / sampled degree of the receiver
     expected = (deg_u[dst] * deg_i[src - U]).rsqrt() * deg_u[dst] / sampled[dst]
     torch.testing.assert_close(sub.edge_weight, expected)
+
+
+def test_receiver_hop_is_the_distance_from_the_seeds():
+    # seeds 0, 1; edges 2 -> 0, 3 -> 2, 4 -> 3, 3 -> 1
+    sub = Subgraph(node=torch.arange(5), edge_index=torch.tensor([[2, 3, 4, 3], [0, 2, 3, 1]]),
+                   edge_weight=torch.ones(4), num_seeds=2)
+    # receivers 0, 2, 3, 1: hops 0, 1, 1 (3 reaches seed 1 directly), 0
+    assert sub.receiver_hop(3).tolist() == [0, 1, 1, 0]
+    # a receiver's hop is its shortest distance, whatever the number of layers
+    assert sub.receiver_hop(2).tolist() == [0, 1, 1, 0]
+    assert sub.receiver_hop(1).tolist() == [0, 1, 1, 0]
 
 
 def test_bad_arguments():
