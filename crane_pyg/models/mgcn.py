@@ -2,7 +2,7 @@ r"""MGCN (Yu et al., ACM MM 2023): purified modality features, item-item and
 user-item views, and a behaviour-aware fuser."""
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +13,7 @@ from crane_pyg.models.base import (
     check_int,
     interaction_matrix,
 )
-from crane_pyg.nn import BPRLoss, EmbeddingL2, InfoNCE
+from crane_pyg.nn import BPRLoss, EmbeddingL2, InfoNCE, RecursiveCrossModalAttention
 from crane_pyg.transforms import knn_adjacency
 
 __all__ = ['MGCN']
@@ -130,19 +130,29 @@ class MGCN(ModalityGraphRecommender):
             representations. (default: ``1e-4``)
         tune_features (bool): train the raw features :math:`\mathbf{X}_m`
             too (MMRec does). (default: :obj:`True`)
+        num_recursions (int): not MGCN: :math:`R > 0` refines the projected
+            modalities :math:`[\dot{\mathbf{X}}_1, \dots, \dot{\mathbf{X}}_M]`
+            of every item with CRANE's
+            :class:`~crane_pyg.nn.RecursiveCrossModalAttention` (``R``
+            recursions, :meth:`~crane_pyg.nn.RecursiveCrossModalAttention.refine`)
+            before the purifier, to measure what RCA adds to MGCN's pipeline.
+            On TikTok (seed 999) it tracked MGCN for 18 epochs and then
+            overfitted (README "Results"). ``0``: MGCN. (default: ``0``)
     """
 
     def __init__(self, num_users: int, num_items: int, edge_index: Tensor,
                  features: Mapping[str, Tensor], *, embedding_dim: int = 64,
                  num_ui_layers: int = 2, num_mm_layers: int = 1, knn_k: int = 10,
                  cl_weight: float = 0.01, temperature: float = 0.2,
-                 reg_weight: float = 1e-4, tune_features: bool = True) -> None:
+                 reg_weight: float = 1e-4, tune_features: bool = True,
+                 num_recursions: int = 0) -> None:
         super().__init__(num_users, num_items)
         owner = type(self).__name__
         check_int(owner, 'embedding_dim', embedding_dim, 1)
         check_int(owner, 'knn_k', knn_k, 1)
         for option, value in (('num_ui_layers', num_ui_layers),
-                              ('num_mm_layers', num_mm_layers)):
+                              ('num_mm_layers', num_mm_layers),
+                              ('num_recursions', num_recursions)):
             check_int(owner, option, value, 0)
         for option, value in (('cl_weight', cl_weight), ('reg_weight', reg_weight)):
             check_float(owner, option, value)
@@ -154,7 +164,7 @@ class MGCN(ModalityGraphRecommender):
             embedding_dim=embedding_dim, num_ui_layers=num_ui_layers,
             num_mm_layers=num_mm_layers, knn_k=knn_k, cl_weight=float(cl_weight),
             temperature=float(temperature), reg_weight=float(reg_weight),
-            tune_features=bool(tune_features)))
+            tune_features=bool(tune_features), num_recursions=int(num_recursions)))
 
         # the modality views: R-hat (users aggregate items), one kNN graph per modality
         index, value = interaction_matrix(edge_index, num_users, num_items, 'sym')
@@ -174,6 +184,8 @@ class MGCN(ModalityGraphRecommender):
         d = embedding_dim
         self.feature_proj = nn.ModuleList(nn.Linear(dim, d) for dim in dims)
         self.purifier = nn.ModuleList(nn.Linear(d, d) for _ in dims)
+        self.rca = (RecursiveCrossModalAttention(len(dims), d, num_recursions, output='mean')
+                    if self.num_recursions > 0 else None)
         self.preference = nn.ModuleList(nn.Linear(d, d) for _ in dims)
         self.attention = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, 1, bias=False))
         self.bpr = BPRLoss()
@@ -189,6 +201,8 @@ class MGCN(ModalityGraphRecommender):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 module.reset_parameters()
+        if self.rca is not None:
+            self.rca.reset_parameters()
         with torch.no_grad():
             for m, param in enumerate(self.features):
                 param.copy_(getattr(self, f'raw_feature_{m}'))
@@ -198,16 +212,27 @@ class MGCN(ModalityGraphRecommender):
     def _feature(self, m: int) -> Tensor:
         return self.features[m] if self.tune_features else getattr(self, f'raw_feature_{m}')
 
-    def purified(self, m: int) -> Tensor:
+    def projected(self) -> List[Tensor]:
+        r""":math:`\dot{\mathbf{X}}_m` of every modality, refined by RCA
+        when ``num_recursions > 0``."""
+        x = [proj(self._feature(m)) for m, proj in enumerate(self.feature_proj)]
+        if self.rca is None:
+            return x
+        return list(self.rca.refine(torch.stack(x, dim=1)).unbind(1))
+
+    def purified(self, m: int, projected: Optional[Tensor] = None) -> Tensor:
         r""":math:`\ddot{\mathbf{E}}_{I,m} = \mathbf{E}_I \odot
-        \sigma(\dot{\mathbf{X}}_m \mathbf{W}_{g,m} + \mathbf{b}_{g,m})`, ``[I, d]``."""
-        projected = self.feature_proj[m](self._feature(m))
+        \sigma(\dot{\mathbf{X}}_m \mathbf{W}_{g,m} + \mathbf{b}_{g,m})`, ``[I, d]``
+        (:obj:`projected`: :math:`\dot{\mathbf{X}}_m`, from :meth:`projected`
+        when not given)."""
+        if projected is None:
+            projected = self.projected()[m]
         return self.item_embedding.weight * torch.sigmoid(self.purifier[m](projected))
 
-    def modality_view(self, m: int) -> Tensor:
+    def modality_view(self, m: int, projected: Tensor) -> Tensor:
         r""":math:`\mathbf{H}_m = [\hat{\mathbf{R}}\mathbf{H}_{I,m};
         \mathbf{H}_{I,m}]`, ``[U + I, d]``."""
-        h = self.purified(m)
+        h = self.purified(m, projected)
         for _ in range(self.num_mm_layers):
             h = self.propagate(f'knn_{m}', h)
         return torch.cat([self.propagate('ui', h), h])
@@ -225,7 +250,7 @@ class MGCN(ModalityGraphRecommender):
 
     def _forward(self) -> Tuple[Tensor, Tensor]:
         behaviour = self.lightgcn(self.num_ui_layers)
-        views = [self.modality_view(m) for m in range(len(self.modalities))]
+        views = [self.modality_view(m, x) for m, x in enumerate(self.projected())]
         return behaviour, self.fuse(views, behaviour)
 
     def embeddings(self) -> Tuple[Tensor, Tensor]:

@@ -148,6 +148,28 @@ def test_mgcn_matches_dense_reference(synthetic_data):
     torch.testing.assert_close(item_emb.double(), ref_i, atol=1e-5, rtol=1e-4)
 
 
+def test_mgcn_with_rca_refines_the_projections_before_the_purifier(synthetic_data):
+    torch.manual_seed(0)
+    model = MGCN.from_data(synthetic_data, embedding_dim=8, num_recursions=2).eval()
+    assert model.rca is not None and model.rca.num_recursions == 2
+    with torch.no_grad():
+        plain = [proj(model.features[m]) for m, proj in enumerate(model.feature_proj)]
+        refined = model.rca.refine(torch.stack(plain, dim=1))
+        for m in range(len(plain)):
+            torch.testing.assert_close(model.projected()[m], refined[:, m])
+            assert not torch.allclose(refined[:, m], plain[m])  # RCA changed them
+            gate = model.purifier[m]
+            expected = model.item_embedding.weight * torch.sigmoid(
+                refined[:, m] @ gate.weight.t() + gate.bias)
+            torch.testing.assert_close(model.purified(m), expected)
+    model.train()
+    loss, _ = model.loss(*_batch(synthetic_data))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.rca.parameters())
+    assert MGCN.from_data(synthetic_data, embedding_dim=8).rca is None
+
+
 def test_mgcn_loss_by_hand(synthetic_data):
     torch.manual_seed(0)
     model = MGCN.from_data(synthetic_data, embedding_dim=8, cl_weight=0.5, reg_weight=0.1)
