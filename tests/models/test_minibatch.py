@@ -7,16 +7,12 @@ import dataclasses
 
 import pytest
 import torch
-import torch_geometric.typing as pyg_typing
 
 from crane_pyg.models import CRANE, VBPR, LightGCN
 from crane_pyg.models.minibatch import (MiniBatchCRANE, MiniBatchLightGCN,
                                        Subgraph, UserItemSubgraphSampler,
                                        minibatch_loss_module)
 
-pytestmark = pytest.mark.skipif(
-    not (pyg_typing.WITH_PYG_LIB or pyg_typing.WITH_TORCH_SPARSE),
-    reason='neighbour sampling needs pyg-lib or torch-sparse')
 
 U, I = 30, 25
 
@@ -92,6 +88,35 @@ def test_receiver_hop_is_the_distance_from_the_seeds():
     assert sub.receiver_hop(1).tolist() == [0, 1, 1, 0]
 
 
+def test_sample_per_row_draws_distinct_uniform_entries():
+    from crane_pyg.models.minibatch import _sample_per_row
+    # rows of 0, 3, 7 (k < n <= 2k), 40 and 200 (> 2k) entries
+    counts = torch.tensor([0, 3, 7, 40, 200])
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    rows = torch.tensor([4, 0, 1, 2, 3])
+    torch.manual_seed(0)
+    hits = torch.zeros(int(rowptr[-1]))
+    for _ in range(400):
+        row, pos = _sample_per_row(rowptr, rows, 5)
+        per_row = torch.bincount(row, minlength=5)
+        assert per_row.tolist() == [5, 0, 3, 5, 5]            # min(n, k) each
+        assert pos.unique().numel() == pos.numel()            # distinct entries
+        lo, hi = rowptr[rows[row]], rowptr[rows[row] + 1]
+        assert bool(((pos >= lo) & (pos < hi)).all())         # inside their row
+        hits[pos] += 1
+    # uniform: every entry of a row of n > k is drawn 400 k / n times on average
+    for r, n in ((2, 7), (3, 40), (4, 200)):
+        share = hits[rowptr[r]:rowptr[r + 1]]
+        expected = 400 * 5 / n
+        assert share.mean().item() == pytest.approx(expected, rel=1e-5)  # k per draw
+        # Pearson's statistic against uniform: about n - 1 (a biased draw,
+        # e.g. the first entries favoured, gives many times that)
+        chi2 = ((share - expected) ** 2 / expected).sum().item()
+        assert chi2 < (n - 1) + 5 * (2 * (n - 1)) ** 0.5, (n, chi2)
+    row, pos = _sample_per_row(rowptr, rows, -1)
+    assert torch.equal(torch.bincount(row, minlength=5), counts[rows])
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match='num_neighbors'):
         MiniBatchLightGCN(model(2), [-1])
@@ -159,7 +184,7 @@ def test_crane_full_fanout_equals_full_batch(synthetic_data, user_semantic, edge
         model.on_epoch_start(epoch)  # epoch 1: new pruned graph (and item graph rebuild)
         assert_same_loss_and_gradients(model, mini, crane_batch(synthetic_data, seed=epoch))
         if edge_dropout > 0:
-            assert mini.sampler.data.num_edges == 2 * model.train_edge_index.size(1)
+            assert mini.sampler.num_edges == 2 * model.train_edge_index.size(1)
             assert model.train_edge_index.size(1) < model.edge_index.size(1)
     stats = mini.last_stats
     assert stats['users'] <= 16 and stats['items_seed'] <= stats['items_encoded']
