@@ -571,8 +571,9 @@ def test_compile_modules_without_recursions_compiles_nothing(knn_data):
     assert model.rca._compiled_call_impl is None
 
 
-def test_view_embeddings_split_the_fused_score(knn_data):
-    model = _model(knn_data).eval()
+@pytest.mark.parametrize('fusion', ['sum', 'concat'])
+def test_view_embeddings_split_the_fused_score(knn_data, fusion):
+    model = _model(knn_data, fusion=fusion).eval()
     with torch.no_grad():
         full = model.view_embeddings('full')
         e = model.view_embeddings('behavioural')
@@ -580,8 +581,12 @@ def test_view_embeddings_split_the_fused_score(knn_data):
         embeddings = model.embeddings()
     for a, b in zip(full, embeddings):
         torch.testing.assert_close(a, b)
-    for fused, cf, sem in zip(full, e, h):  # fusion='sum'
-        torch.testing.assert_close(fused, cf + sem)
+    for fused, cf, sem in zip(full, e, h):
+        torch.testing.assert_close(fused, cf + sem if fusion == 'sum'
+                                   else torch.cat([cf, sem], dim=-1))
+    if fusion == 'concat':  # the score is the ID score plus the content score
+        scores = full[0] @ full[1].t()
+        torch.testing.assert_close(scores, e[0] @ e[1].t() + h[0] @ h[1].t())
     assert torch.allclose(h[1].norm(dim=-1), torch.full_like(h[1][:, 0], 0.2))
     with pytest.raises(ValueError, match='view'):
         model.view_embeddings('content')
