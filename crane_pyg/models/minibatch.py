@@ -10,8 +10,8 @@ neighbourhood, sampled hop by hop as PyG's
 :class:`~torch_geometric.loader.NeighborLoader`) samples, by
 :class:`UserItemSubgraphSampler` (vectorised over each hop's nodes: without
 ``pyg-lib``, PyG's sampler falls back to ``torch-sparse``, which draws every
-neighbour with its own call and took 0.5 s of a 1.4 s step at the
-Electronics shape with fan-out 10):
+neighbour with its own call: 350 ms per batch against 126-207 ms here, at the
+Electronics shape with fan-out 10, busy machine):
 
 1. the user-item graph is one homogeneous graph of :math:`U + I` nodes
    (item :math:`i` is node :math:`U + i`), both edge directions, each edge
