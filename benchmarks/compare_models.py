@@ -132,7 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split(text: str, what: str, cast=str) -> list:
-    items = [item.strip() for item in text.split(',') if item.strip()]
+    # commas inside [...] belong to a list value (a variant's train.num_neighbors=[10,10])
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text + ','):
+        depth += {'[': 1, ']': -1}.get(char, 0)
+        if char == ',' and depth <= 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    items = [item for item in items if item]
     if not items:
         raise ConfigError(f'--{what} is empty')
     try:

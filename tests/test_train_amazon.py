@@ -515,6 +515,11 @@ def test_compare_models_variants_train_each_with_its_overrides(tiny, tmp_path, c
     assert set(summary['significance']['against']) == {'one-layer'}
     markdown = (out / 'comparison.md').read_text()
     assert '| one-layer | 1 |' in markdown and '`model.num_layers=1`' in markdown
+    # a list value keeps its commas: one variant, not three entries
+    variants = compare_models.parse_models(
+        'crane,mb=crane:train.num_neighbors=[10,10]:train.semantic_cache=10')
+    assert [v.label for v in variants] == ['crane', 'mb']
+    assert variants[1].overrides == ('train.num_neighbors=[10,10]', 'train.semantic_cache=10')
     capsys.readouterr()
     for bad in ('x=lightgcn', 'lightgcn:model.num_layers=1', 'a/b=lightgcn:model.num_layers=1',
                 'x=lightgcn:num_layers', 'lightgcn,lightgcn', 'x=lightgcn:model.nope=1'):
