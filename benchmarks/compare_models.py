@@ -39,6 +39,9 @@ the full model::
     no-profiles=crane:model.use_profiles=false,no-item-graph=crane:model.use_item_graph=false,\
     no-cl=crane:model.lambda_cl=0.0
 
+A list value keeps its commas inside its brackets, e.g.
+``mb=crane:train.num_neighbors=[10,10]:train.semantic_cache=10``.
+
 ``--resume`` continues interrupted runs and reuses finished ones. Both
 result files are written atomically.
 
