@@ -415,11 +415,11 @@ def _sample_per_row(rowptr: Tensor, rows: Tensor, k: int) -> Tuple[Tensor, Tenso
     are distinct (:math:`O(k)` per row whatever its length: a popular item
     does not cost its degree); rows with :math:`k < n \le 2k` entries keep
     the :math:`k` smallest of random keys (:func:`_sample_per_segment`)."""
+    if k < 0:
+        return _csr_gather(rowptr, rows)
     start = rowptr.index_select(0, rows)
     count = rowptr.index_select(0, rows + 1) - start
     index = torch.arange(rows.numel())
-    if k < 0:
-        return _csr_gather(rowptr, rows)
     take_all = count <= k
     seg, pos = _csr_gather(rowptr, rows[take_all])
     parts_row, parts_pos = [index[take_all].index_select(0, seg)], [pos]
@@ -434,8 +434,9 @@ def _sample_per_row(rowptr: Tensor, rows: Tensor, k: int) -> Tuple[Tensor, Tenso
         row = index[large].repeat_interleave(k)                      # k slots per row
         size = count.index_select(0, row)
         offset = (torch.rand(row.numel()) * size).long().clamp_(max=size - 1)
+        stride = int(count.max())  # key = (row, offset) in one integer
         while True:  # redraw the slots that repeat an earlier slot of their row
-            key = row * int(count.max()) + offset
+            key = row * stride + offset
             order = torch.argsort(key, stable=True)
             sorted_key = key.index_select(0, order)
             repeat = torch.zeros_like(row, dtype=torch.bool)

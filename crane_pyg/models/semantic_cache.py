@@ -50,21 +50,6 @@ from crane_pyg.models.crane import CRANE
 __all__ = ['CachedSemanticCRANE', 'SemanticCodeCache']
 
 
-def check_cacheable(model: nn.Module, refresh_every: int) -> None:
-    r"""Raises a clear error when :obj:`model` cannot train with the cache:
-    not a :class:`~crane_pyg.models.CRANE`, ``refresh_every < 1``, or a user
-    view that aggregates every item's encoding in each step
-    (``precompute_profiles=False``)."""
-    if not isinstance(model, CRANE):
-        raise TypeError(f'train.semantic_cache supports CRANE only, got '
-                        f'{type(model).__name__}; set train.semantic_cache to null')
-    if int(refresh_every) < 1:
-        raise ValueError(f'refresh_every must be >= 1, got {refresh_every!r}')
-    if model.needs_z_user and model.use_profiles and not model.precompute_profiles:
-        raise ValueError('train.semantic_cache needs CRANE precompute_profiles=True (the '
-                         'default) when the user view uses the profiles')
-
-
 class SemanticCodeCache:
     r"""The cache of every item's RCA code :math:`\mathbf{z}_i` of a
     :class:`~crane_pyg.models.CRANE`, ``[I, d]`` in float32, and its refresh
@@ -80,7 +65,15 @@ class SemanticCodeCache:
     """
 
     def __init__(self, model: nn.Module, refresh_every: int = 1) -> None:
-        check_cacheable(model, refresh_every)
+        if not isinstance(model, CRANE):
+            raise TypeError(f'train.semantic_cache supports CRANE only, got '
+                            f'{type(model).__name__}; set train.semantic_cache to null')
+        if int(refresh_every) < 1:
+            raise ValueError(f'refresh_every must be >= 1, got {refresh_every!r}')
+        if model.needs_z_user and model.use_profiles and not model.precompute_profiles:
+            # a user's profile would read every item's encoding in each step
+            raise ValueError('train.semantic_cache needs CRANE precompute_profiles=True (the '
+                             'default) when the user view uses the profiles')
         self.model = model
         self.refresh_every = int(refresh_every)
         #: the cached codes (``None`` before the first refresh)
@@ -147,10 +140,6 @@ class CachedSemanticCRANE(nn.Module):
         self.last_stats: Dict[str, int] = {}
 
     @property
-    def refresh_every(self) -> int:
-        return self.cache.refresh_every
-
-    @property
     def refreshes(self) -> int:
         r"""Refreshes of the cache so far."""
         return self.cache.refreshes
@@ -158,14 +147,6 @@ class CachedSemanticCRANE(nn.Module):
     def on_epoch_start(self, epoch: int) -> None:
         r"""The next step refreshes the cache (:meth:`SemanticCodeCache.on_epoch_start`)."""
         self.cache.on_epoch_start(epoch)
-
-    def refresh(self) -> None:
-        r"""Recomputes every item's code now (:meth:`SemanticCodeCache.refresh`)."""
-        self.cache.refresh()
-
-    def skip_next_refresh(self) -> None:
-        r"""See :meth:`SemanticCodeCache.skip_next_refresh`."""
-        self.cache.skip_next_refresh()
 
     def forward(self, users: Tensor, pos_items: Tensor,
                 neg_items: Tensor) -> Tuple[Tensor, Dict[str, float]]:
@@ -189,4 +170,4 @@ class CachedSemanticCRANE(nn.Module):
                                e_rows, h_rows)
 
     def extra_repr(self) -> str:
-        return f'refresh_every={self.refresh_every}'
+        return f'refresh_every={self.cache.refresh_every}'
