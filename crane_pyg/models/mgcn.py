@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from crane_pyg.models.base import (
     ModalityGraphRecommender,
+    check_choice,
     check_float,
     check_int,
     interaction_matrix,
@@ -17,6 +18,11 @@ from crane_pyg.nn import BPRLoss, EmbeddingL2, InfoNCE, RecursiveCrossModalAtten
 from crane_pyg.transforms import knn_adjacency
 
 __all__ = ['MGCN']
+
+#: what a modality view propagates (``modality_input``); ``'purified'`` is MGCN
+MODALITY_INPUTS = ('purified', 'features', 'ids')
+#: how the modality views are fused (``fuser``); ``'attention'`` is MGCN
+FUSERS = ('attention', 'mean')
 
 
 class MGCN(ModalityGraphRecommender):
@@ -138,6 +144,17 @@ class MGCN(ModalityGraphRecommender):
             before the purifier, to measure what RCA adds to MGCN's pipeline.
             On TikTok (seed 999) it tracked MGCN for 18 epochs and then
             overfitted (README "Results"). ``0``: MGCN. (default: ``0``)
+        modality_input (str): not MGCN, a dissection: what each modality view
+            propagates. ``'purified'`` is MGCN, :math:`\ddot{\mathbf{E}}_{I,m}`;
+            ``'features'`` the projected content alone,
+            :math:`\dot{\mathbf{X}}_m` (no ID gate, as CRANE's semantic
+            view); ``'ids'`` the item ID embeddings :math:`\mathbf{E}_I`, so
+            the content enters only through the kNN graphs
+            :math:`\mathbf{S}_m`. (default: ``'purified'``)
+        fuser (str): not MGCN, a dissection: ``'attention'`` is MGCN's
+            behaviour-aware fuser; ``'mean'`` replaces it by
+            :math:`\mathbf{h}^{side} = \frac{1}{M}\sum_m \mathbf{h}_m`.
+            (default: ``'attention'``)
     """
 
     def __init__(self, num_users: int, num_items: int, edge_index: Tensor,
@@ -145,7 +162,8 @@ class MGCN(ModalityGraphRecommender):
                  num_ui_layers: int = 2, num_mm_layers: int = 1, knn_k: int = 10,
                  cl_weight: float = 0.01, temperature: float = 0.2,
                  reg_weight: float = 1e-4, tune_features: bool = True,
-                 num_recursions: int = 0) -> None:
+                 num_recursions: int = 0, modality_input: str = 'purified',
+                 fuser: str = 'attention') -> None:
         super().__init__(num_users, num_items)
         owner = type(self).__name__
         check_int(owner, 'embedding_dim', embedding_dim, 1)
@@ -157,6 +175,12 @@ class MGCN(ModalityGraphRecommender):
         for option, value in (('cl_weight', cl_weight), ('reg_weight', reg_weight)):
             check_float(owner, option, value)
         check_float(owner, 'temperature', temperature, 1e-6)
+        check_choice(owner, 'modality_input', modality_input, MODALITY_INPUTS)
+        check_choice(owner, 'fuser', fuser, FUSERS)
+        if modality_input == 'ids' and num_recursions > 0:
+            raise ValueError(f"{owner}: 'num_recursions' > 0 needs the content in the "
+                             f"views ('modality_input' 'purified' or 'features'), got "
+                             f"modality_input='ids'")
         if knn_k >= num_items:
             raise ValueError(f"{owner}: 'knn_k' must be smaller than the number of "
                              f"items ({num_items}), got {knn_k}")
@@ -164,7 +188,8 @@ class MGCN(ModalityGraphRecommender):
             embedding_dim=embedding_dim, num_ui_layers=num_ui_layers,
             num_mm_layers=num_mm_layers, knn_k=knn_k, cl_weight=float(cl_weight),
             temperature=float(temperature), reg_weight=float(reg_weight),
-            tune_features=bool(tune_features), num_recursions=int(num_recursions)))
+            tune_features=bool(tune_features), num_recursions=int(num_recursions),
+            modality_input=modality_input, fuser=fuser))
 
         # the modality views: R-hat (users aggregate items), one kNN graph per modality
         index, value = interaction_matrix(edge_index, num_users, num_items, 'sym')
@@ -178,16 +203,22 @@ class MGCN(ModalityGraphRecommender):
                                  (num_items, num_items))
             self.register_buffer(f'raw_feature_{m}', x.detach().float(), persistent=False)
             dims.append(int(x.size(1)))
+        # only the parts the dissection options use are built (every
+        # parameter of the model receives a gradient)
+        content = modality_input != 'ids'
         self.features = nn.ParameterList(
             [nn.Parameter(x.detach().float().clone()) for x in features.values()]
-            if self.tune_features else [])
+            if self.tune_features and content else [])
         d = embedding_dim
-        self.feature_proj = nn.ModuleList(nn.Linear(dim, d) for dim in dims)
-        self.purifier = nn.ModuleList(nn.Linear(d, d) for _ in dims)
+        self.feature_proj = nn.ModuleList(nn.Linear(dim, d) for dim in dims if content)
+        self.purifier = nn.ModuleList(nn.Linear(d, d) for _ in dims
+                                      if modality_input == 'purified')
         self.rca = (RecursiveCrossModalAttention(len(dims), d, num_recursions, output='mean')
                     if self.num_recursions > 0 else None)
-        self.preference = nn.ModuleList(nn.Linear(d, d) for _ in dims)
-        self.attention = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, 1, bias=False))
+        attention = fuser == 'attention'
+        self.preference = nn.ModuleList(nn.Linear(d, d) for _ in dims if attention)
+        self.attention = (nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, 1, bias=False))
+                          if attention else None)
         self.bpr = BPRLoss()
         self.nce = InfoNCE(temperature, symmetric=False)
         self.l2 = EmbeddingL2('squared')
@@ -225,14 +256,27 @@ class MGCN(ModalityGraphRecommender):
         \sigma(\dot{\mathbf{X}}_m \mathbf{W}_{g,m} + \mathbf{b}_{g,m})`, ``[I, d]``
         (:obj:`projected`: :math:`\dot{\mathbf{X}}_m`, from :meth:`projected`
         when not given)."""
+        if not len(self.purifier):
+            raise ValueError(f"MGCN: purified views need modality_input='purified', "
+                             f"got {self.modality_input!r}")
         if projected is None:
             projected = self.projected()[m]
         return self.item_embedding.weight * torch.sigmoid(self.purifier[m](projected))
 
-    def modality_view(self, m: int, projected: Tensor) -> Tensor:
+    def modality_input_of(self, m: int, projected: Optional[Tensor]) -> Tensor:
+        r"""What modality :math:`m`'s view propagates, ``[I, d]``:
+        :math:`\ddot{\mathbf{E}}_{I,m}`, :math:`\dot{\mathbf{X}}_m` or
+        :math:`\mathbf{E}_I` (``modality_input``)."""
+        if self.modality_input == 'purified':
+            return self.purified(m, projected)
+        if self.modality_input == 'features':
+            return self.projected()[m] if projected is None else projected
+        return self.item_embedding.weight
+
+    def modality_view(self, m: int, projected: Optional[Tensor]) -> Tensor:
         r""":math:`\mathbf{H}_m = [\hat{\mathbf{R}}\mathbf{H}_{I,m};
         \mathbf{H}_{I,m}]`, ``[U + I, d]``."""
-        h = self.purified(m, projected)
+        h = self.modality_input_of(m, projected)
         for _ in range(self.num_mm_layers):
             h = self.propagate(f'knn_{m}', h)
         return torch.cat([self.propagate('ui', h), h])
@@ -241,6 +285,8 @@ class MGCN(ModalityGraphRecommender):
         r""":math:`\mathbf{h}^{side}` from the modality views
         :math:`\mathbf{H}_m` and the ID view :math:`\bar{\mathbf{E}}`."""
         stacked = torch.stack(views, dim=1)                      # [N, M, d]
+        if self.attention is None:                               # fuser='mean'
+            return stacked.mean(dim=1)
         weight = torch.softmax(self.attention(stacked), dim=1)   # [N, M, 1]
         common = (weight * stacked).sum(dim=1)
         side = common
@@ -250,7 +296,9 @@ class MGCN(ModalityGraphRecommender):
 
     def _forward(self) -> Tuple[Tensor, Tensor]:
         behaviour = self.lightgcn(self.num_ui_layers)
-        views = [self.modality_view(m, x) for m, x in enumerate(self.projected())]
+        projected = (self.projected() if self.modality_input != 'ids'
+                     else [None] * len(self.modalities))
+        views = [self.modality_view(m, x) for m, x in enumerate(projected)]
         return behaviour, self.fuse(views, behaviour)
 
     def embeddings(self) -> Tuple[Tensor, Tensor]:

@@ -116,14 +116,22 @@ def _mgcn_dense(model, data):
     behaviour = _dense_lightgcn(a, ego, model.num_ui_layers)
     views = []
     for m, name in enumerate(model.modalities):
-        x = weights[f'features.{m}'] if model.tune_features else data[ITEM][name].double()
-        projected = x @ weights[f'feature_proj.{m}.weight'].t() + weights[f'feature_proj.{m}.bias']
-        h = weights['item_embedding.weight'] * torch.sigmoid(
-            projected @ weights[f'purifier.{m}.weight'].t() + weights[f'purifier.{m}.bias'])
+        if model.modality_input == 'ids':
+            h = weights['item_embedding.weight']
+        else:
+            x = weights[f'features.{m}'] if model.tune_features else data[ITEM][name].double()
+            h = x @ weights[f'feature_proj.{m}.weight'].t() + weights[f'feature_proj.{m}.bias']
+        if model.modality_input == 'purified':
+            h = weights['item_embedding.weight'] * torch.sigmoid(
+                h @ weights[f'purifier.{m}.weight'].t() + weights[f'purifier.{m}.bias'])
         s = _dense_cosine_knn(data[ITEM][name], model.knn_k)
         for _ in range(model.num_mm_layers):
             h = s @ h
         views.append(torch.cat([r_sym @ h, h]))
+    if model.fuser == 'mean':
+        side = sum(views) / len(views)
+        final = behaviour + side
+        return final[:num_users], final[num_users:], behaviour, side
     scores = [torch.tanh(v @ weights['attention.0.weight'].t() + weights['attention.0.bias'])
               @ weights['attention.2.weight'].t() for v in views]
     alpha = torch.softmax(torch.cat(scores, dim=1), dim=1)
@@ -146,6 +154,57 @@ def test_mgcn_matches_dense_reference(synthetic_data):
         user_emb, item_emb = model.embeddings()
     torch.testing.assert_close(user_emb.double(), ref_u, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(item_emb.double(), ref_i, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('modality_input,fuser', [
+    ('features', 'attention'), ('ids', 'attention'), ('purified', 'mean'), ('features', 'mean')])
+def test_mgcn_dissection_options_match_dense_reference(synthetic_data, modality_input, fuser):
+    torch.manual_seed(0)
+    model = MGCN.from_data(synthetic_data, embedding_dim=8, knn_k=5,
+                           modality_input=modality_input, fuser=fuser).eval()
+    ref_u, ref_i, _, _ = _mgcn_dense(model, synthetic_data)
+    with torch.no_grad():
+        user_emb, item_emb = model.embeddings()
+    torch.testing.assert_close(user_emb.double(), ref_u, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(item_emb.double(), ref_i, atol=1e-5, rtol=1e-4)
+    # only the parts in use are built, and every one of them is trained
+    names = {name.split('.')[0] for name, _ in model.named_parameters()}
+    assert ('purifier' in names) == (modality_input == 'purified')
+    assert ('feature_proj' in names) == (modality_input != 'ids')
+    assert ('attention' in names) == ('preference' in names) == (fuser == 'attention')
+    model.train()
+    loss, _ = model.loss(*_batch(synthetic_data))
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    # the content reaches an 'ids' view only through the kNN graphs: scaled
+    # features (same cosine graphs) give the same scores, other features do not
+    if modality_input == 'ids':
+        def rebuilt(transform):
+            data = synthetic_data.clone()
+            for name in model.modalities:
+                data[ITEM][name] = transform(synthetic_data[ITEM][name])
+            other = MGCN.from_data(data, embedding_dim=8, knn_k=5, modality_input='ids')
+            other.load_state_dict(model.state_dict())
+            with torch.no_grad():
+                return other.eval().embeddings()[1]
+        with torch.no_grad():
+            reference = model.eval().embeddings()[1]
+        torch.testing.assert_close(rebuilt(lambda x: 3.0 * x), reference)
+        generator = torch.Generator().manual_seed(1)
+        assert not torch.allclose(rebuilt(lambda x: torch.randn(x.shape, generator=generator)),
+                                  reference)
+
+
+def test_mgcn_dissection_option_errors(synthetic_data):
+    with pytest.raises(ValueError, match="'modality_input' must be one of"):
+        MGCN.from_data(synthetic_data, modality_input='raw')
+    with pytest.raises(ValueError, match="'fuser' must be one of"):
+        MGCN.from_data(synthetic_data, fuser='sum')
+    with pytest.raises(ValueError, match="'num_recursions' > 0 needs the content"):
+        MGCN.from_data(synthetic_data, modality_input='ids', num_recursions=2)
+    with pytest.raises(ValueError, match="purified views need modality_input='purified'"):
+        MGCN.from_data(synthetic_data, modality_input='features').purified(0)
 
 
 def test_mgcn_with_rca_refines_the_projections_before_the_purifier(synthetic_data):
