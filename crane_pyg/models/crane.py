@@ -168,7 +168,10 @@ class CRANE(Recommender):
          with ``id_item_graph=True`` the item view also gains the item ID
          embeddings smoothed over the item graph (FREEDOM's use of it),
          :math:`\mathbf{e}^{cf}_i \mathrel{+}= (\hat{\mathbf{S}}^{L_{ii}}
-         \mathbf{E}^{(0)}_I)_i`;
+         \mathbf{E}^{(0)}_I)_i`, and with ``id_item_graph_users=True`` the
+         users gain their items' share of it, :math:`\mathbf{e}^{cf}_u
+         \mathrel{+}= (\hat{\mathbf{R}}\hat{\mathbf{S}}^{L_{ii}}
+         \mathbf{E}^{(0)}_I)_u`;
        * semantic view: :math:`\mathbf{h}_i = (\hat{\mathbf{S}}^{L_{ii}}
          \mathbf{Z}_I)_i` over the item-item kNN graph :math:`\hat{\mathbf{S}}`
          (:class:`~crane_pyg.transforms.ItemKNNGraph` of the raw features);
@@ -266,6 +269,16 @@ class CRANE(Recommender):
             their best epochs at 90, 65 and 66); on TikTok a 40-epoch screen put it 0.0013
             below (validation Recall@20 0.0824 against 0.0837, both with
             ``lambda_cl=0``) (README "Results"). (default: :obj:`True`)
+        id_item_graph_users (bool): with ``id_item_graph``, users gain the
+            smoothed item IDs of their training items too,
+            :math:`\mathbf{e}^{cf}_u \leftarrow \mathbf{e}^{cf}_u +
+            (\hat{\mathbf{R}}\hat{\mathbf{S}}^{L_{ii}}\mathbf{E}^{(0)}_I)_u`
+            with :math:`\hat{\mathbf{R}} = \mathbf{D}_U^{-1/2}\mathbf{R}
+            \mathbf{D}_I^{-1/2}` on the full training graph: the item-item
+            graph reaches the user side of the dual graph, as in MGCN's
+            modality views (whose lead on TikTok survives replacing their
+            content by the ID embeddings; README "Results"). Full-batch and
+            semantic-cache training only. (default: :obj:`False`)
         graph_rebuild_every (int): :math:`T`, epochs between rebuilds of the
             item graph from :math:`\mathbf{Z}_I` (``0``: never). (default: ``0``)
         rebuild_mix (float): :math:`\beta \in [0, 1]`, weight of the raw-feature
@@ -381,6 +394,7 @@ class CRANE(Recommender):
         modality_weights: Optional[Tuple[float, ...]] = None,
         user_semantic: Literal['profile', 'items', 'both'] = 'both',
         id_item_graph: bool = True,
+        id_item_graph_users: bool = False,
         graph_rebuild_every: int = 0,
         rebuild_mix: float = 0.5,
         fusion: Literal['sum', 'concat'] = 'sum',
@@ -454,6 +468,7 @@ class CRANE(Recommender):
         self.user_semantic = user_semantic
         self.graph_rebuild_every = graph_rebuild_every
         self.id_item_graph = bool(id_item_graph) and propagate_items
+        self.id_item_graph_users = bool(id_item_graph_users) and self.id_item_graph
         self.rebuild_mix = float(rebuild_mix)
         self.fusion = fusion
         self.lambda_cl = float(lambda_cl)
@@ -514,7 +529,11 @@ class CRANE(Recommender):
             if (not self.use_profiles and self.needs_z_user) else None)
         self.item_mean = (UserProfileAggregation('mean', cached=True, backend=backend)
                           if self.needs_item_mean else None)
-        if self.item_mean is not None:  # items -> users, PyG's source-to-target order
+        # R-hat of id_item_graph_users: items -> users, symmetric normalisation
+        self.id_user_conv = (UserItemConv(cached=True, backend=backend)
+                             if self.id_item_graph_users else None)
+        if self.item_mean is not None or self.id_user_conv is not None:
+            # items -> users, PyG's source-to-target order
             self.register_buffer('item_user_index', edge_index.flip(0), persistent=False)
 
         # -- behavioural side -----------------------------------------------
@@ -775,7 +794,11 @@ class CRANE(Recommender):
         e_user, e_item = encoder((self.user_embedding.weight, self.item_embedding.weight),
                                  edge_index)
         if self.id_item_graph:
-            e_item = e_item + self.smooth_items(self.item_embedding.weight)
+            smoothed = self.smooth_items(self.item_embedding.weight)
+            e_item = e_item + smoothed
+            if self.id_user_conv is not None:
+                e_user = e_user + self.id_user_conv((smoothed, None), self.item_user_index,
+                                                    size=(self.num_items, self.num_users))
         return e_user, e_item
 
     def _fuse(self, cf: Tensor, sem: Tensor) -> Tensor:
@@ -905,4 +928,5 @@ class CRANE(Recommender):
                 f'learn_semantic_scale={self.learn_semantic_scale}, '
                 f'semantic_gate={self.semantic_gate}, '
                 f'edge_dropout={self.edge_dropout}, id_item_graph={self.id_item_graph}, '
+                f'id_item_graph_users={self.id_item_graph_users}, '
                 f'graph_rebuild_every={self.graph_rebuild_every}')

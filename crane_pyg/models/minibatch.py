@@ -506,6 +506,10 @@ class MiniBatchCRANE(nn.Module):
                  semantic_cache: int | None = None) -> None:
         super().__init__()
         num_neighbors = _fanouts(self, model, CRANE, 'num_ui_layers', num_neighbors)
+        if model.id_item_graph_users:
+            raise ValueError('MiniBatchCRANE: id_item_graph_users=True is not supported by '
+                             'mini-batch training; train full batch (train.num_neighbors: '
+                             'null) or set model.id_item_graph_users to false')
         self.cache = (None if semantic_cache is None
                       else SemanticCodeCache(model, semantic_cache))
         if item_mean_fanout is None:

@@ -241,6 +241,41 @@ def test_id_item_graph_adds_the_smoothed_item_ids(knn_data):
         assert not model.id_item_graph
 
 
+def test_id_item_graph_users_adds_r_hat_of_the_smoothed_item_ids(knn_data):
+    """``id_item_graph_users=True``: the behavioural user view also gains
+    D_U^-1/2 R D_I^-1/2 S^L_ii E_I (dense, by hand, full training graph); the
+    item view is that of ``id_item_graph`` alone; the loss trains through it;
+    mini-batch training refuses the option."""
+    from crane_pyg.models import MiniBatchCRANE
+    plain = _model(knn_data, num_ii_layers=2)
+    users = _model(knn_data, num_ii_layers=2, id_item_graph_users=True)
+    assert CRANE.option_defaults()['id_item_graph_users'] is False
+    users.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        e_user, e_item = plain.behavioural()
+        u_user, u_item = users.behavioural()
+    s = _dense(plain.item_adj_index, plain.item_adj_weight, plain.num_items)
+    r = torch.zeros(plain.num_users, plain.num_items, dtype=torch.float64)
+    r[plain.edge_index[0], plain.edge_index[1]] = 1.0
+    du, di = r.sum(1), r.sum(0)
+    r_hat = (torch.where(du > 0, du.pow(-0.5), torch.zeros_like(du))[:, None] * r
+             * torch.where(di > 0, di.pow(-0.5), torch.zeros_like(di))[None, :])
+    smoothed = s @ (s @ plain.item_embedding.weight.double())
+    torch.testing.assert_close(u_item, e_item)
+    torch.testing.assert_close(u_user.double(), e_user.double() + r_hat @ smoothed,
+                               atol=1e-6, rtol=1e-5)
+    assert 'id_item_graph_users=True' in repr(users)
+    users.train()
+    loss, _ = users.loss(*_batch(knn_data))
+    loss.backward()
+    assert users.item_embedding.weight.grad.abs().sum() > 0
+    # without the ID item graph the option has nothing to add
+    assert not _model(knn_data, id_item_graph=False, id_item_graph_users=True).id_item_graph_users
+    with pytest.raises(ValueError, match='id_item_graph_users=True is not supported by '
+                                         'mini-batch'):
+        MiniBatchCRANE(users, [2, 2])
+
+
 @pytest.mark.parametrize('fusion', ['sum', 'concat'])
 def test_fusion_and_loss_by_hand(knn_data, fusion):
     """The loss (which evaluates the user semantic view on the batch's users
