@@ -38,6 +38,9 @@ from crane_pyg.transforms import knn_adjacency
 
 __all__ = ['CRANE', 'UserProfiles']
 
+#: the pairs of views the contrastive term can tie (``cl_pair``)
+CL_PAIRS = ('id_semantic', 'ui_ii')
+
 #: the views :meth:`CRANE.view_embeddings` can score with
 VIEWS = ('full', 'behavioural', 'semantic')
 
@@ -300,6 +303,17 @@ class CRANE(Recommender):
             teacher) while the ID view is trained by the ranking loss alone.
             With ``'both'`` the ID view is tied to what the content can
             express. (default: ``'both'``)
+        cl_pair (str): the two views the contrastive term ties together.
+            ``'id_semantic'``: the behavioural view :math:`\mathbf{e}^{cf}`
+            and the semantic view :math:`\mathbf{h}` (as in 6.).
+            ``'ui_ii'``: the two graphs of the dual graph, both on the ID
+            embeddings: the user-item (LightGCN) view against the item-item
+            view :math:`\hat{\mathbf{S}}^{L_{ii}}\mathbf{E}^{(0)}_I` (items)
+            and :math:`\hat{\mathbf{R}}\hat{\mathbf{S}}^{L_{ii}}
+            \mathbf{E}^{(0)}_I` (users), the pair MGCN's InfoNCE ties once its
+            modality views lose their content (README "Results"); needs
+            ``id_item_graph_users=True``. Full-batch and semantic-cache
+            training. (default: ``'id_semantic'``)
         cl_max_nodes (int, optional): at most this many of the batch's unique
             users, and as many of its unique positive items, enter each
             InfoNCE term, drawn uniformly without replacement in every step
@@ -400,6 +414,7 @@ class CRANE(Recommender):
         fusion: Literal['sum', 'concat'] = 'sum',
         lambda_cl: float = 0.01,
         cl_target: Literal['both', 'semantic'] = 'both',
+        cl_pair: Literal['id_semantic', 'ui_ii'] = 'id_semantic',
         cl_max_nodes: Optional[int] = 512,
         temperature: float = 0.2,
         lambda_reg: float = 1e-4,
@@ -431,6 +446,7 @@ class CRANE(Recommender):
         check_choice(name, 'fusion', fusion, ('sum', 'concat'))
         check_float(name, 'lambda_cl', lambda_cl)
         check_choice(name, 'cl_target', cl_target, ('both', 'semantic'))
+        check_choice(name, 'cl_pair', cl_pair, CL_PAIRS)
         if cl_max_nodes is not None:
             check_int(name, 'cl_max_nodes', cl_max_nodes, 2)
         check_float(name, 'temperature', temperature, 1e-12)
@@ -473,6 +489,11 @@ class CRANE(Recommender):
         self.fusion = fusion
         self.lambda_cl = float(lambda_cl)
         self.cl_target = cl_target
+        self.cl_pair = cl_pair
+        if cl_pair == 'ui_ii' and not self.id_item_graph_users:
+            raise ValueError(f"{name}: cl_pair='ui_ii' needs the item-item view of the "
+                             f"IDs on both sides (id_item_graph_users=True, with "
+                             f"id_item_graph and the item graph)")
         self.cl_max_nodes = None if cl_max_nodes is None else int(cl_max_nodes)
         self.lambda_reg = float(lambda_reg)
         self.content_reg = float(content_reg)
@@ -786,19 +807,35 @@ class CRANE(Recommender):
             return self.ui_train_encoder, self.train_edge_index
         return self.ui_encoder, self.edge_index
 
-    def behavioural(self, train_graph: bool = False) -> Tuple[Tensor, Tensor]:
-        r"""The behavioural view :math:`(\mathbf{E}^{cf}_U, \mathbf{E}^{cf}_I)`
-        on the full graph, or on the epoch's pruned graph when
-        :obj:`train_graph` and ``edge_dropout > 0``."""
+    def behavioural_parts(self, train_graph: bool = False
+                          ) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+        r"""The two graphs' parts of the behavioural view: the user-item
+        (LightGCN) view of users and items, then the item-item view of the
+        IDs, :math:`\hat{\mathbf{R}}\hat{\mathbf{S}}^{L_{ii}}
+        \mathbf{E}^{(0)}_I` for users (:obj:`None` without
+        ``id_item_graph_users``) and :math:`\hat{\mathbf{S}}^{L_{ii}}
+        \mathbf{E}^{(0)}_I` for items (:obj:`None` without ``id_item_graph``)."""
         encoder, edge_index = self.ui_graph(train_graph)
         e_user, e_item = encoder((self.user_embedding.weight, self.item_embedding.weight),
                                  edge_index)
+        g_user = g_item = None
         if self.id_item_graph:
-            smoothed = self.smooth_items(self.item_embedding.weight)
-            e_item = e_item + smoothed
+            g_item = self.smooth_items(self.item_embedding.weight)
             if self.id_user_conv is not None:
-                e_user = e_user + self.id_user_conv((smoothed, None), self.item_user_index,
-                                                    size=(self.num_items, self.num_users))
+                g_user = self.id_user_conv((g_item, None), self.item_user_index,
+                                           size=(self.num_items, self.num_users))
+        return e_user, e_item, g_user, g_item
+
+    def behavioural(self, train_graph: bool = False) -> Tuple[Tensor, Tensor]:
+        r"""The behavioural view :math:`(\mathbf{E}^{cf}_U, \mathbf{E}^{cf}_I)`
+        on the full graph, or on the epoch's pruned graph when
+        :obj:`train_graph` and ``edge_dropout > 0``: the sums of
+        :meth:`behavioural_parts`."""
+        e_user, e_item, g_user, g_item = self.behavioural_parts(train_graph)
+        if g_item is not None:
+            e_item = e_item + g_item
+        if g_user is not None:
+            e_user = e_user + g_user
         return e_user, e_item
 
     def _fuse(self, cf: Tensor, sem: Tensor) -> Tensor:
@@ -831,7 +868,9 @@ class CRANE(Recommender):
              neg_items: Tensor) -> Tuple[Tensor, Dict[str, float]]:
         self.check_batch(users, pos_items, neg_items)
         batch_users, user_pos = torch.unique(users, return_inverse=True)
-        e_user, e_item = self.behavioural(train_graph=self.training)
+        ui_user, ui_item, g_user, g_item = self.behavioural_parts(train_graph=self.training)
+        e_user = ui_user if g_user is None else ui_user + g_user
+        e_item = ui_item if g_item is None else ui_item + g_item
         h_user, h_item = self.semantic(batch_users)  # h_user: [U_b, d]
         e_user = e_user.index_select(0, batch_users)
         # One gather per item tensor (each gather costs an [I, d] scatter in
@@ -844,12 +883,17 @@ class CRANE(Recommender):
             batch_items, = self.cl_subset(torch.unique(pos_items))
         rows = torch.cat([pos_items, neg_items, batch_items])
         e_rows, h_rows = e_item.index_select(0, rows), h_item.index_select(0, rows)
+        cl_views = None
+        if self.lambda_cl > 0 and self.cl_pair == 'ui_ii':
+            cl_views = (ui_user.index_select(0, batch_users), g_user.index_select(0, batch_users),
+                        ui_item.index_select(0, batch_items), g_item.index_select(0, batch_items))
         return self.objective(users, pos_items, neg_items, user_pos, e_user, h_user,
-                              e_rows, h_rows)
+                              e_rows, h_rows, cl_views)
 
     def objective(self, users: Tensor, pos_items: Tensor, neg_items: Tensor,
                   user_pos: Tensor, e_user: Tensor, h_user: Tensor, e_rows: Tensor,
-                  h_rows: Tensor) -> Tuple[Tensor, Dict[str, float]]:
+                  h_rows: Tensor, cl_views: Optional[Tuple[Tensor, ...]] = None
+                  ) -> Tuple[Tensor, Dict[str, float]]:
         r"""BPR + :math:`\lambda_{cl}` InfoNCE + :math:`\lambda_{reg}` L2 from
         the two views of the batch's nodes, however they were computed (on the
         full graph by :meth:`loss`, on a sampled subgraph by
@@ -864,6 +908,10 @@ class CRANE(Recommender):
                 ``cat([pos_items, neg_items, cl_items])``, where ``cl_items``
                 are the unique positives drawn for the contrastive term
                 (:meth:`cl_subset`; empty when ``lambda_cl == 0``).
+            cl_views (tuple of Tensor, optional): with ``cl_pair='ui_ii'``,
+                the pair of views the contrastive term ties in place of
+                :math:`(\mathbf{e}^{cf}, \mathbf{h})`: ``(user_a [U_b, d],
+                user_b [U_b, d], item_a [C, d], item_b [C, d])``.
         """
         size = pos_items.numel()
         u = self._fuse(e_user, h_user).index_select(0, user_pos)
@@ -883,12 +931,16 @@ class CRANE(Recommender):
             parts['view_bpr'] = view_bpr.item()
 
         if self.lambda_cl > 0:
-            e_cl, h_cl = self.cl_subset(e_user, h_user)
-            e_cl_items = e_rows[2 * size:]
-            if self.cl_target == 'semantic':  # the ID view is the fixed target
+            if cl_views is None:
+                e_cl, h_cl = self.cl_subset(e_user, h_user)
+                e_cl_items, h_cl_items = e_rows[2 * size:], h_rows[2 * size:]
+            else:
+                e_cl, h_cl = self.cl_subset(cl_views[0], cl_views[1])
+                e_cl_items, h_cl_items = cl_views[2], cl_views[3]
+            if self.cl_target == 'semantic':  # the first view is the fixed target
                 e_cl, e_cl_items = e_cl.detach(), e_cl_items.detach()
             cl = self.lambda_cl * (self.info_nce(e_cl, h_cl)
-                                   + self.info_nce(e_cl_items, h_rows[2 * size:]))
+                                   + self.info_nce(e_cl_items, h_cl_items))
             total = total + cl
             parts['cl'] = cl.item()
         if self.lambda_reg > 0:
@@ -921,6 +973,7 @@ class CRANE(Recommender):
         return (f'{super().extra_repr()}, modalities={self.modalities}, '
                 f'embedding_dim={self.embedding_dim}, user_semantic={self.user_semantic!r}, '
                 f'fusion={self.fusion!r}, lambda_cl={self.lambda_cl}, cl_target={self.cl_target!r}, '
+                f'cl_pair={self.cl_pair!r}, '
                 f'cl_max_nodes={self.cl_max_nodes}, '
                 f'lambda_reg={self.lambda_reg}, view_bpr={self.view_bpr}, '
                 f'reg_form={self.l2.form!r}, '

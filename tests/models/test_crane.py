@@ -276,6 +276,35 @@ def test_id_item_graph_users_adds_r_hat_of_the_smoothed_item_ids(knn_data):
         MiniBatchCRANE(users, [2, 2])
 
 
+def test_cl_pair_ui_ii_ties_the_two_graphs_id_views(knn_data):
+    """``cl_pair='ui_ii'``: the contrastive term is InfoNCE between the
+    user-item (LightGCN) view and the item-item view of the IDs, for the
+    batch's unique users and unique positives; the rest of the loss is that
+    of ``'id_semantic'``; the option needs the users' item-graph view."""
+    options = dict(id_item_graph_users=True, lambda_cl=0.5, cl_max_nodes=None)
+    graphs = _model(knn_data, cl_pair='ui_ii', **options).train()
+    semantic = _model(knn_data, **options).train()
+    semantic.load_state_dict(graphs.state_dict())
+    users, pos, neg = _batch(knn_data)
+    _, parts = graphs.loss(users, pos, neg)
+    _, parts_semantic = semantic.loss(users, pos, neg)
+    with torch.no_grad():
+        ui_user, ui_item, g_user, g_item = graphs.behavioural_parts(train_graph=True)
+        batch_users, batch_items = torch.unique(users), torch.unique(pos)
+        nce = InfoNCE(temperature=graphs.info_nce.temperature)
+        expected = 0.5 * (nce(ui_user[batch_users], g_user[batch_users])
+                          + nce(ui_item[batch_items], g_item[batch_items]))
+        torch.testing.assert_close(ui_user + g_user, graphs.behavioural(True)[0])
+    assert parts['cl'] == pytest.approx(expected.item(), rel=1e-5)
+    assert parts['cl'] != pytest.approx(parts_semantic['cl'], rel=1e-3)
+    assert parts['bpr'] == pytest.approx(parts_semantic['bpr'], rel=1e-6)
+    assert "cl_pair='ui_ii'" in repr(graphs)
+    with pytest.raises(ValueError, match="cl_pair='ui_ii' needs the item-item view"):
+        _model(knn_data, cl_pair='ui_ii')
+    with pytest.raises(ValueError, match="'cl_pair' must be one of"):
+        _model(knn_data, cl_pair='graphs')
+
+
 @pytest.mark.parametrize('fusion', ['sum', 'concat'])
 def test_fusion_and_loss_by_hand(knn_data, fusion):
     """The loss (which evaluates the user semantic view on the batch's users

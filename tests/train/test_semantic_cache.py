@@ -16,7 +16,9 @@ from crane_pyg.models.semantic_cache import CachedSemanticCRANE
 
 @pytest.mark.parametrize('options', [{}, {'user_semantic': 'items'},
                                      {'user_semantic': 'profile', 'num_ii_layers': 2},
-                                     {'semantic_gate': True, 'semantic_scale': None}])
+                                     {'semantic_gate': True, 'semantic_scale': None},
+                                     {'id_item_graph_users': True, 'cl_pair': 'ui_ii',
+                                      'lambda_cl': 0.5}])
 def test_loss_after_a_refresh_equals_the_exact_loss(synthetic_knn_data, options):
     model = small_crane(synthetic_knn_data, **options).train()
     cached = CachedSemanticCRANE(model, refresh_every=5)
