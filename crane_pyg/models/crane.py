@@ -831,12 +831,31 @@ class CRANE(Recommender):
         on the full graph, or on the epoch's pruned graph when
         :obj:`train_graph` and ``edge_dropout > 0``: the sums of
         :meth:`behavioural_parts`."""
-        e_user, e_item, g_user, g_item = self.behavioural_parts(train_graph)
-        if g_item is not None:
-            e_item = e_item + g_item
-        if g_user is not None:
-            e_user = e_user + g_user
-        return e_user, e_item
+        return self.sum_parts(self.behavioural_parts(train_graph))
+
+    @staticmethod
+    def sum_parts(parts: Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]
+                  ) -> Tuple[Tensor, Tensor]:
+        r"""The behavioural view ``(users, items)`` from the output of
+        :meth:`behavioural_parts`."""
+        e_user, e_item, g_user, g_item = parts
+        return (e_user if g_user is None else e_user + g_user,
+                e_item if g_item is None else e_item + g_item)
+
+    def contrastive_views(self, parts: Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]],
+                          batch_users: Tensor, batch_items: Tensor
+                          ) -> Optional[Tuple[Tensor, Tensor, Tensor, Tensor]]:
+        r"""The ``cl_views`` argument of :meth:`objective`: with
+        ``cl_pair='ui_ii'`` (and ``lambda_cl > 0``) the user-item and the
+        item-item views of the IDs (the output of :meth:`behavioural_parts`)
+        of the unique ``batch_users`` and of the contrastive items
+        ``batch_items``; :obj:`None` otherwise (the objective ties the ID and
+        content views)."""
+        if not (self.lambda_cl > 0 and self.cl_pair == 'ui_ii'):
+            return None
+        ui_user, ui_item, g_user, g_item = parts
+        return (ui_user.index_select(0, batch_users), g_user.index_select(0, batch_users),
+                ui_item.index_select(0, batch_items), g_item.index_select(0, batch_items))
 
     def _fuse(self, cf: Tensor, sem: Tensor) -> Tensor:
         return cf + sem if self.fusion == 'sum' else torch.cat([cf, sem], dim=-1)
@@ -868,9 +887,8 @@ class CRANE(Recommender):
              neg_items: Tensor) -> Tuple[Tensor, Dict[str, float]]:
         self.check_batch(users, pos_items, neg_items)
         batch_users, user_pos = torch.unique(users, return_inverse=True)
-        ui_user, ui_item, g_user, g_item = self.behavioural_parts(train_graph=self.training)
-        e_user = ui_user if g_user is None else ui_user + g_user
-        e_item = ui_item if g_item is None else ui_item + g_item
+        parts = self.behavioural_parts(train_graph=self.training)
+        e_user, e_item = self.sum_parts(parts)
         h_user, h_item = self.semantic(batch_users)  # h_user: [U_b, d]
         e_user = e_user.index_select(0, batch_users)
         # One gather per item tensor (each gather costs an [I, d] scatter in
@@ -883,12 +901,9 @@ class CRANE(Recommender):
             batch_items, = self.cl_subset(torch.unique(pos_items))
         rows = torch.cat([pos_items, neg_items, batch_items])
         e_rows, h_rows = e_item.index_select(0, rows), h_item.index_select(0, rows)
-        cl_views = None
-        if self.lambda_cl > 0 and self.cl_pair == 'ui_ii':
-            cl_views = (ui_user.index_select(0, batch_users), g_user.index_select(0, batch_users),
-                        ui_item.index_select(0, batch_items), g_item.index_select(0, batch_items))
         return self.objective(users, pos_items, neg_items, user_pos, e_user, h_user,
-                              e_rows, h_rows, cl_views)
+                              e_rows, h_rows,
+                              self.contrastive_views(parts, batch_users, batch_items))
 
     def objective(self, users: Tensor, pos_items: Tensor, neg_items: Tensor,
                   user_pos: Tensor, e_user: Tensor, h_user: Tensor, e_rows: Tensor,

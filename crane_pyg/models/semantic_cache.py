@@ -154,9 +154,8 @@ class CachedSemanticCRANE(nn.Module):
         cache = self.cache.next_step()
         model.check_batch(users, pos_items, neg_items)
         batch_users, user_pos = torch.unique(users, return_inverse=True)
-        ui_user, ui_item, g_user, g_item = model.behavioural_parts(train_graph=model.training)
-        e_user = ui_user if g_user is None else ui_user + g_user
-        e_item = ui_item if g_item is None else ui_item + g_item
+        parts = model.behavioural_parts(train_graph=model.training)
+        e_user, e_item = model.sum_parts(parts)
         batch_items = pos_items[:0]
         if model.lambda_cl > 0:
             batch_items, = model.cl_subset(torch.unique(pos_items))
@@ -168,12 +167,9 @@ class CachedSemanticCRANE(nn.Module):
         self.last_stats = {'fresh_items': int(fresh.numel()), 'items': int(cache.size(0))}
         e_user = e_user.index_select(0, batch_users)
         e_rows, h_rows = e_item.index_select(0, rows), h_item.index_select(0, rows)
-        cl_views = None
-        if model.lambda_cl > 0 and model.cl_pair == 'ui_ii':
-            cl_views = (ui_user.index_select(0, batch_users), g_user.index_select(0, batch_users),
-                        ui_item.index_select(0, batch_items), g_item.index_select(0, batch_items))
         return model.objective(users, pos_items, neg_items, user_pos, e_user, h_user,
-                               e_rows, h_rows, cl_views)
+                               e_rows, h_rows,
+                               model.contrastive_views(parts, batch_users, batch_items))
 
     def extra_repr(self) -> str:
         return f'refresh_every={self.cache.refresh_every}'
