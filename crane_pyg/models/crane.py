@@ -550,11 +550,7 @@ class CRANE(Recommender):
             if (not self.use_profiles and self.needs_z_user) else None)
         self.item_mean = (UserProfileAggregation('mean', cached=True, backend=backend)
                           if self.needs_item_mean else None)
-        # R-hat of id_item_graph_users: items -> users, symmetric normalisation
-        self.id_user_conv = (UserItemConv(cached=True, backend=backend)
-                             if self.id_item_graph_users else None)
-        if self.item_mean is not None or self.id_user_conv is not None:
-            # items -> users, PyG's source-to-target order
+        if self.item_mean is not None:  # items -> users, PyG's source-to-target order
             self.register_buffer('item_user_index', edge_index.flip(0), persistent=False)
 
         # -- behavioural side -----------------------------------------------
@@ -821,10 +817,19 @@ class CRANE(Recommender):
         g_user = g_item = None
         if self.id_item_graph:
             g_item = self.smooth_items(self.item_embedding.weight)
-            if self.id_user_conv is not None:
-                g_user = self.id_user_conv((g_item, None), self.item_user_index,
-                                           size=(self.num_items, self.num_users))
+            if self.id_item_graph_users:
+                g_user = self.users_from_items(g_item)
         return e_user, e_item, g_user, g_item
+
+    def users_from_items(self, x_item: Tensor) -> Tensor:
+        r""":math:`\hat{\mathbf{R}}\mathbf{x}` ``[U, F]`` of item rows
+        :obj:`x_item` ``[I, F]``, :math:`\hat{\mathbf{R}} =
+        \mathbf{D}_U^{-1/2}\mathbf{R}\mathbf{D}_I^{-1/2}` on the full
+        training graph: the users' half of one LightGCN step, with the
+        behavioural encoder's cached adjacency (its transpose)."""
+        conv = self.ui_encoder.conv
+        adj = conv.adjacency(self.edge_index, self.num_users, self.num_items)
+        return conv((x_item, None), adj.t(), size=(self.num_items, self.num_users))
 
     def behavioural(self, train_graph: bool = False) -> Tuple[Tensor, Tensor]:
         r"""The behavioural view :math:`(\mathbf{E}^{cf}_U, \mathbf{E}^{cf}_I)`

@@ -194,6 +194,9 @@ class MGCN(ModalityGraphRecommender):
         # the modality views: R-hat (users aggregate items), one kNN graph per modality
         index, value = interaction_matrix(edge_index, num_users, num_items, 'sym')
         self.register_matrix('ui', index, value, (num_users, num_items))
+        # only the parts the dissection options use are built (every
+        # parameter of the model receives a gradient; 'ids' keeps no features)
+        content = modality_input != 'ids'
         dims = []
         for m, x in enumerate(features.values()):
             # knn_adjacency stores S[i, j] as the edge (j, i): flip to rows.
@@ -201,11 +204,10 @@ class MGCN(ModalityGraphRecommender):
                                                  normalize='sym')
             self.register_matrix(f'knn_{m}', knn_index.flip(0), knn_value,
                                  (num_items, num_items))
-            self.register_buffer(f'raw_feature_{m}', x.detach().float(), persistent=False)
+            if content:
+                self.register_buffer(f'raw_feature_{m}', x.detach().float(),
+                                     persistent=False)
             dims.append(int(x.size(1)))
-        # only the parts the dissection options use are built (every
-        # parameter of the model receives a gradient)
-        content = modality_input != 'ids'
         self.features = nn.ParameterList(
             [nn.Parameter(x.detach().float().clone()) for x in features.values()]
             if self.tune_features and content else [])
