@@ -223,21 +223,21 @@ def test_item_graph_is_the_transforms_matrix(knn_data):
 
 def _behavioural_pair(data, base, other):
     """Two CRANEs with the same weights, options ``base`` and ``base | other``:
-    the first model, both behavioural views and S^L_ii E_I (L_ii = 2, dense)."""
+    both models, both behavioural views and S^L_ii E_I (L_ii = 2, dense)."""
     plain = _model(data, num_ii_layers=2, **base)
     changed = _model(data, num_ii_layers=2, **{**base, **other})
     changed.load_state_dict(plain.state_dict())
     with torch.no_grad():
         views = plain.behavioural(), changed.behavioural()
     s = _dense(plain.item_adj_index, plain.item_adj_weight, plain.num_items)
-    return plain, views, s @ (s @ plain.item_embedding.weight.double())
+    return plain, changed, views, s @ (s @ plain.item_embedding.weight.double())
 
 
 def test_id_item_graph_adds_the_smoothed_item_ids(knn_data):
     """``id_item_graph=True``: the behavioural item view gains S^L_ii E_I (the
     dense item matrix times the ID table); the user view is unchanged."""
     assert CRANE.option_defaults()['id_item_graph'] is True
-    plain, ((e_user, e_item), (s_user, s_item)), smoothed = _behavioural_pair(
+    _, _, ((e_user, e_item), (s_user, s_item)), smoothed = _behavioural_pair(
         knn_data, dict(id_item_graph=False), dict(id_item_graph=True))
     expected = e_item.double() + smoothed
     torch.testing.assert_close(s_user, e_user)
@@ -255,9 +255,8 @@ def test_id_item_graph_users_adds_r_hat_of_the_smoothed_item_ids(knn_data):
     mini-batch training refuses the option."""
     from crane_pyg.models import MiniBatchCRANE
     assert CRANE.option_defaults()['id_item_graph_users'] is False
-    plain, ((e_user, e_item), (u_user, u_item)), smoothed = _behavioural_pair(
+    plain, users, ((e_user, e_item), (u_user, u_item)), smoothed = _behavioural_pair(
         knn_data, {}, dict(id_item_graph_users=True))
-    users = _model(knn_data, num_ii_layers=2, id_item_graph_users=True)
     r = torch.zeros(plain.num_users, plain.num_items, dtype=torch.float64)
     r[plain.edge_index[0], plain.edge_index[1]] = 1.0
     du, di = r.sum(1), r.sum(0)
