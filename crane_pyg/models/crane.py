@@ -177,8 +177,10 @@ class CRANE(Recommender):
          \mathbf{E}^{(0)}_I)_u`;
        * semantic view: :math:`\mathbf{h}_i = (\hat{\mathbf{S}}^{L_{ii}}
          \mathbf{Z}_I)_i` over the item-item kNN graph :math:`\hat{\mathbf{S}}`
-         (:class:`~crane_pyg.transforms.ItemKNNGraph` of the raw features);
-         users: :math:`\mathbf{h}_u = \mathbf{z}_u` (``user_semantic='profile'``),
+         (:class:`~crane_pyg.transforms.ItemKNNGraph` of the raw features),
+         or :math:`\mathbf{h}_i = \mathbf{z}_i` with
+         ``semantic_item_graph=False`` (the graph then serves the ID view
+         only); users: :math:`\mathbf{h}_u = \mathbf{z}_u` (``user_semantic='profile'``),
          the mean of :math:`\mathbf{h}_i` over the user's training items
          (``'items'``), or the average of both (``'both'``);
        * enhanced item graph (``graph_rebuild_every`` :math:`= T > 0`): at the
@@ -272,6 +274,13 @@ class CRANE(Recommender):
             their best epochs at 90, 65 and 66); on TikTok a 40-epoch screen put it 0.0013
             below (validation Recall@20 0.0824 against 0.0837, both with
             ``lambda_cl=0``) (README "Results"). (default: :obj:`True`)
+        semantic_item_graph (bool): smooth the semantic view over the item
+            graph, :math:`\mathbf{h}_i = (\hat{\mathbf{S}}^{L_{ii}}
+            \mathbf{Z}_I)_i`; :obj:`False` keeps the graph for the ID view
+            only (``id_item_graph``, which it then needs) and gives
+            :math:`\mathbf{h}_i = \mathbf{z}_i`: the kNN graph is built from
+            the same features as the codes, so smoothing the codes over it
+            averages content with similar content. (default: :obj:`True`)
         id_item_graph_users (bool): with ``id_item_graph``, users gain the
             smoothed item IDs of their training items too,
             :math:`\mathbf{e}^{cf}_u \leftarrow \mathbf{e}^{cf}_u +
@@ -409,6 +418,7 @@ class CRANE(Recommender):
         user_semantic: Literal['profile', 'items', 'both'] = 'both',
         id_item_graph: bool = True,
         id_item_graph_users: bool = False,
+        semantic_item_graph: bool = True,
         graph_rebuild_every: int = 0,
         rebuild_mix: float = 0.5,
         fusion: Literal['sum', 'concat'] = 'sum',
@@ -485,6 +495,12 @@ class CRANE(Recommender):
         self.graph_rebuild_every = graph_rebuild_every
         self.id_item_graph = bool(id_item_graph) and propagate_items
         self.id_item_graph_users = bool(id_item_graph_users) and self.id_item_graph
+        if propagate_items and not (semantic_item_graph or self.id_item_graph):
+            raise ValueError(f"{name}: semantic_item_graph=False and id_item_graph=False "
+                             f"leave the item graph unused; drop it with "
+                             f"use_item_graph=False")
+        #: whether the semantic view is smoothed over the item graph
+        self.semantic_item_graph = bool(semantic_item_graph) and propagate_items
         self.rebuild_mix = float(rebuild_mix)
         self.fusion = fusion
         self.lambda_cl = float(lambda_cl)
@@ -507,7 +523,7 @@ class CRANE(Recommender):
         self.seed = seed
         self.modalities = list(features)
         self.num_modalities = len(features)
-        #: whether the semantic view is smoothed over the item graph
+        #: whether the model has an item graph (for either view)
         self.propagate_items = propagate_items
         #: which parts the user semantic view has: the code z_u, the item mean
         self.needs_z_user = user_semantic in ('profile', 'both')
@@ -718,7 +734,7 @@ class CRANE(Recommender):
         exactly; :class:`~crane_pyg.models.CachedSemanticCRANE` reads most of
         them from its cache."""
         z_item, z_user = self.gate_codes(z_item, None, z_user, users)
-        h_item = self.smooth_items(z_item) if self.propagate_items else z_item
+        h_item = self.smooth_items(z_item) if self.semantic_item_graph else z_item
         item_mean = None
         if self.needs_item_mean:
             item_mean = self.item_mean((h_item, None), self.item_user_index,
@@ -1002,4 +1018,5 @@ class CRANE(Recommender):
                 f'semantic_gate={self.semantic_gate}, '
                 f'edge_dropout={self.edge_dropout}, id_item_graph={self.id_item_graph}, '
                 f'id_item_graph_users={self.id_item_graph_users}, '
+                f'semantic_item_graph={self.semantic_item_graph}, '
                 f'graph_rebuild_every={self.graph_rebuild_every}')

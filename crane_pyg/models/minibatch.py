@@ -593,20 +593,24 @@ class MiniBatchCRANE(nn.Module):
         self.last_stats['ui_nodes'] = int(sub.node.numel())
         return out[:sub.num_seeds]
 
-    def item_closure(self, seeds: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def item_closure(self, seeds: Tensor, hops: int | None = None
+                     ) -> Tuple[Tensor, Tensor, Tensor]:
         r"""The items whose content the semantic view of ``seeds`` (unique item
         ids) needs: ``(nodes, edge_index, edge_weight)`` with ``nodes`` the
         global ids of :math:`S_{L_{ii}}` (``seeds`` first, in their order),
         and the item-item edges of the receivers in :math:`S_{L_{ii} - 1}` in
         local ids, source to target (``edge_index[1]`` receives from
-        ``edge_index[0]``, as :class:`~crane_pyg.nn.ItemItemConv`)."""
+        ``edge_index[0]``, as :class:`~crane_pyg.nn.ItemItemConv`).
+        :obj:`hops` overrides :math:`L_{ii}` (``0``: the seeds alone, no
+        edges)."""
         device = seeds.device
-        if self.item_conv is None:
+        hops = self.model.num_ii_layers if hops is None else hops
+        if self.item_conv is None or hops == 0:
             empty = torch.empty(2, 0, dtype=torch.long, device=device)
             return seeds, empty, torch.empty(0, device=device)
         rowptr, source, weight = self._item_csr()
         nodes, frontier, receivers, positions = seeds, seeds, [], []
-        for _ in range(self.model.num_ii_layers):
+        for _ in range(hops):
             seg, pos = _csr_gather(rowptr, frontier)
             receivers.append(frontier.index_select(0, seg))
             positions.append(pos)
@@ -645,7 +649,8 @@ class MiniBatchCRANE(nn.Module):
             mean_seg, mean_item = self._user_items_of(batch_users, self.item_mean_fanout)
             extra = torch.unique(mean_item)
             seeds = torch.cat([items, extra[~torch.isin(extra, items)]])
-        nodes, edge_index, edge_weight = self.item_closure(seeds)
+        smooth = self.item_conv is not None and model.semantic_item_graph
+        nodes, edge_index, edge_weight = self.item_closure(seeds, hops=None if smooth else 0)
         num_seeds, num_nodes = seeds.numel(), nodes.numel()
 
         profile_nodes = None
@@ -672,7 +677,7 @@ class MiniBatchCRANE(nn.Module):
             encoded = num_items
         z_item, z_user = model.gate_codes(z_item, nodes[:num_nodes], z_user, batch_users)
         h = z_item
-        if self.item_conv is not None:
+        if smooth:
             # one adjacency of the step's subgraph for all L_ii layers
             adj = self.item_conv.adjacency(edge_index, num_nodes, num_nodes,
                                              edge_weight.to(h.dtype))

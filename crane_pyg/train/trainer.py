@@ -101,7 +101,8 @@ RESUMABLE_CHANGES = ('train.epochs', 'train.patience', 'train.device', 'train.ev
 #: at that value they are left out of the run hash and the resume check, so
 #: older run folders and checkpoints keep their names and stay resumable
 LATER_OPTIONS = {'train.mask_valid_in_test': False, 'train.precision': 'fp32',
-                 'train.semantic_cache': None, 'model.semantic_gate': False}
+                 'train.semantic_cache': None, 'model.semantic_gate': False,
+                 'model.semantic_item_graph': True}
 
 Callback = Callable[['Trainer', dict], None]
 
