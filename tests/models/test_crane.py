@@ -471,8 +471,36 @@ def test_use_item_graph_false(synthetic_data):
         _model(synthetic_data, use_item_graph=False, graph_rebuild_every=2)
 
 
+def test_semantic_item_graph_false_keeps_the_graph_for_the_ids_only(knn_data):
+    """``semantic_item_graph=False``: h_i = z_i (the codes unsmoothed, so with
+    ``user_semantic='items'`` h_u is the mean of z over the user's items),
+    while the behavioural view still gains S^L_ii E_I from the same graph."""
+    assert CRANE.option_defaults()['semantic_item_graph'] is True
+    base = dict(user_semantic='items', semantic_scale=None)
+    plain, changed, ((e_user, e_item), (c_user, c_item)), _ = _behavioural_pair(
+        knn_data, base, dict(semantic_item_graph=False))
+    assert plain.semantic_item_graph and not changed.semantic_item_graph
+    torch.testing.assert_close(c_user, e_user)
+    torch.testing.assert_close(c_item, e_item)  # the ID view keeps the graph
+    assert changed.id_item_graph
+    mean, _ = _mean_matrix(knn_data)
+    with torch.no_grad():
+        h_user, h_item = changed.eval().semantic()
+        _, h_item_smoothed = plain.eval().semantic()
+        z_item = changed.rca(changed.encode_items())
+    torch.testing.assert_close(h_item, z_item)
+    torch.testing.assert_close(h_user.double(), mean @ z_item.double(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(h_item_smoothed, h_item, atol=1e-4)  # the option did something
+    with pytest.raises(ValueError, match='leave the item graph unused'):
+        _model(knn_data, semantic_item_graph=False, id_item_graph=False)
+    # without the graph the option changes nothing and needs nothing
+    assert not _model(knn_data, use_item_graph=False, id_item_graph=False,
+                      semantic_item_graph=False).semantic_item_graph
+
+
 @pytest.mark.parametrize('options', [
     dict(use_rca=False), dict(use_profiles=False), dict(use_item_graph=False),
+    dict(semantic_item_graph=False),
     dict(user_semantic='items'), dict(user_semantic='profile'), dict(fusion='concat'),
     dict(edge_dropout=0.5), dict(profile_norm='sym', precompute_profiles=False),
     dict(rca_dropout=0.2, num_ii_layers=0),

@@ -198,8 +198,9 @@ def test_crane_full_fanout_equals_full_batch(synthetic_data, user_semantic, edge
     dict(id_item_graph=False, num_ii_layers=2),
     dict(id_item_graph=True, num_ii_layers=2),
     dict(semantic_gate=True, semantic_scale=None, precompute_profiles=False),
+    dict(semantic_item_graph=False, num_ii_layers=2, semantic_scale=None),
 ], ids=['profiles-on-the-fly', 'no-profiles-no-rca', 'no-item-graph-concat', 'eval',
-        'no-id-item-graph', 'id-item-graph-2-hops', 'semantic-gate'])
+        'no-id-item-graph', 'id-item-graph-2-hops', 'semantic-gate', 'ids-only-item-graph'])
 def test_crane_full_fanout_equals_full_batch_variants(synthetic_data, options):
     options = dict(options)
     eval_mode = options.pop('eval_mode', False)
@@ -314,7 +315,9 @@ def test_trainer_minibatch_mode_equals_full_batch_crane(synthetic_data, tmp_path
 
 @pytest.mark.parametrize('options', [
     dict(), dict(user_semantic='items'), dict(user_semantic='profile', num_ii_layers=1),
-    dict(semantic_gate=True, semantic_scale=None)], ids=['both', 'items', 'profile', 'gate'])
+    dict(semantic_gate=True, semantic_scale=None),
+    dict(semantic_item_graph=False, user_semantic='items')],
+    ids=['both', 'items', 'profile', 'gate', 'ids-only-item-graph'])
 def test_crane_full_fanout_with_the_cache_equals_full_batch_after_a_refresh(synthetic_data,
                                                                             options):
     """semantic_cache: the batch's items through RCA, every other item's code
