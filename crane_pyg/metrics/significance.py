@@ -9,6 +9,13 @@ import numpy as np
 
 __all__ = ['paired_wilcoxon', 'seed_averaged']
 
+#: decimals the per-user differences are rounded to before ranking: equal
+#: differences reached by different float sums (``(1/3 + 2/3) / 3`` against
+#: ``(2/3 + 1/3) / 3``) differ in their last bits, and without the rounding
+#: the signed-rank test ranks such ties apart, which can move its p-value by
+#: orders of magnitude (see :func:`paired_wilcoxon`)
+DIFF_DECIMALS = 12
+
 
 def seed_averaged(per_seed: Sequence[Mapping[int, float]]) -> dict[int, float]:
     r"""Average one model's per-user metric over seeds: ``{user: mean over the
@@ -27,7 +34,14 @@ def paired_wilcoxon(a: Mapping[int, float], b: Mapping[int, float],
     r"""Wilcoxon signed-rank test of the per-user differences
     :math:`a_u - b_u` over the users both mappings hold (zero differences
     dropped, the normal approximation with tie correction, as
-    :func:`scipy.stats.wilcoxon` does for large samples).
+    :func:`scipy.stats.wilcoxon` does for large samples). The differences
+    are rounded to :data:`DIFF_DECIMALS` decimals first, so that equal
+    differences are ties whatever the float order of the sums behind them:
+    per-user Recall averaged over seeds takes few distinct values, and
+    ranking their rounding noise would decide the test. (Before this
+    rounding, three TikTok seeds of bf16 against float32 CRANE gave
+    p = 0.00025 on Recall@20 from 114 wins against 128 losses; rounded:
+    p = 0.32.)
 
     Args:
         a, b: ``{user id: metric value}`` of the two models (e.g. test
@@ -48,14 +62,14 @@ def paired_wilcoxon(a: Mapping[int, float], b: Mapping[int, float],
         raise ValueError('paired_wilcoxon: the two models share no user')
     x = np.array([a[u] for u in users], dtype=np.float64)
     y = np.array([b[u] for u in users], dtype=np.float64)
-    diff = x - y
+    diff = np.round(x - y, DIFF_DECIMALS)
     result = {'users': len(users), 'nonzero': int(np.count_nonzero(diff)),
               'mean_a': float(x.mean()), 'mean_b': float(y.mean()),
               'wins': int((diff > 0).sum()), 'losses': int((diff < 0).sum()),
               'statistic': math.nan, 'p_value': math.nan}
     if result['nonzero'] == 0:
         return result
-    test = wilcoxon(x, y, zero_method='wilcox', alternative=alternative,
+    test = wilcoxon(diff, zero_method='wilcox', alternative=alternative,
                     method='approx' if result['nonzero'] > 50 else 'auto')
     result['statistic'] = float(test.statistic)
     result['p_value'] = float(test.pvalue)

@@ -32,6 +32,29 @@ def test_paired_wilcoxon_counts_and_scipy_value():
                            alternative='less')['p_value'] > 0.99
 
 
+def test_paired_wilcoxon_ties_do_not_depend_on_float_order():
+    """Equal per-user differences reached by different float sums are ties:
+    seed averages (1/3 + 2/3 + 0) / 3 and (2/3 + 1/3 + 0) / 3 differ in
+    their last bits, and ranking that noise must not decide the test."""
+    third, two_thirds = 1 / 3, 2 / 3
+    noisy_high = (0.1 + 0.2 + 0.0) / 3  # 0.30000000000000004 / 3
+    clean_high = 0.3 / 3
+    assert noisy_high != clean_high  # the float noise the test must ignore
+    # 60 users gain exactly 0.1 (noisy sums), 60 lose exactly 0.1 (clean)
+    a = {u: noisy_high for u in range(60)} | {u: 0.0 for u in range(60, 120)}
+    b = {u: 0.0 for u in range(60)} | {u: clean_high for u in range(60, 120)}
+    result = paired_wilcoxon(a, b)
+    assert result['wins'] == result['losses'] == 60
+    # all 120 differences share one magnitude: the statistic is the tie mean
+    assert result['statistic'] == pytest.approx(60 * 60.5)
+    assert result['p_value'] == pytest.approx(1.0)
+    # without the rounding the noise breaks every tie the same way
+    raw = wilcoxon(np.array(list(a.values())), np.array(list(b.values())), method='approx')
+    assert raw.pvalue < 1e-3
+    # real differences far above the rounding are kept
+    assert paired_wilcoxon({0: third + 1e-9, 1: 0.5}, {0: third, 1: two_thirds})['nonzero'] == 2
+
+
 def test_paired_wilcoxon_pairs_by_user_and_handles_identical_models():
     a = {1: 0.2, 2: 0.4, 9: 1.0}
     b = {2: 0.4, 1: 0.2, 7: 0.0}
