@@ -10,8 +10,10 @@ import numpy as np
 __all__ = ['paired_wilcoxon', 'seed_averaged']
 
 #: decimals the per-user differences are rounded to before ranking: equal
-#: differences reached by different float sums (``(1/3 + 2/3) / 3`` against
-#: ``(2/3 + 1/3) / 3``) differ in their last bits, and without the rounding
+#: differences computed from different pairs of seed averages
+#: (``(0 + 0 + 1/3) / 3 - (0 + 0 + 1/4) / 3`` against
+#: ``(0 + 0 + 2/3) / 3 - (0 + 1/3 + 1/4) / 3``, both 1/36) differ in their
+#: last bits, and without the rounding
 #: the signed-rank test ranks such ties apart, which can move its p-value by
 #: orders of magnitude (see :func:`paired_wilcoxon`)
 DIFF_DECIMALS = 12
@@ -36,7 +38,7 @@ def paired_wilcoxon(a: Mapping[int, float], b: Mapping[int, float],
     dropped, the normal approximation with tie correction, as
     :func:`scipy.stats.wilcoxon` does for large samples). The differences
     are rounded to :data:`DIFF_DECIMALS` decimals first, so that equal
-    differences are ties whatever the float order of the sums behind them:
+    differences are ties whatever float arithmetic produced them:
     per-user Recall averaged over seeds takes few distinct values, and
     ranking their rounding noise would decide the test. (Before this
     rounding, three TikTok seeds of bf16 against float32 CRANE gave

@@ -33,10 +33,13 @@ def test_paired_wilcoxon_counts_and_scipy_value():
 
 
 def test_paired_wilcoxon_ties_do_not_depend_on_float_order():
-    """Equal per-user differences reached by different float sums are ties:
-    seed averages (1/3 + 2/3 + 0) / 3 and (2/3 + 1/3 + 0) / 3 differ in
+    """Equal per-user differences reached by different float arithmetic are
+    ties: two differences of seed averages that are both 1/36 differ in
     their last bits, and ranking that noise must not decide the test."""
     third, two_thirds = 1 / 3, 2 / 3
+    avg = lambda *v: (v[0] + v[1] + v[2]) / 3  # noqa: E731 (as seed_averaged sums)
+    assert (avg(0, 0, third) - avg(0, 0, 0.25)
+            != avg(0, 0, two_thirds) - avg(0, third, 0.25))  # both 1/36
     noisy_high = (0.1 + 0.2 + 0.0) / 3  # 0.30000000000000004 / 3
     clean_high = 0.3 / 3
     assert noisy_high != clean_high  # the float noise the test must ignore
