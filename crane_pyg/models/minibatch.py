@@ -649,7 +649,7 @@ class MiniBatchCRANE(nn.Module):
             mean_seg, mean_item = self._user_items_of(batch_users, self.item_mean_fanout)
             extra = torch.unique(mean_item)
             seeds = torch.cat([items, extra[~torch.isin(extra, items)]])
-        smooth = self.item_conv is not None and model.semantic_item_graph
+        smooth = model.semantic_item_graph  # implies the item graph (and self.item_conv)
         nodes, edge_index, edge_weight = self.item_closure(seeds, hops=None if smooth else 0)
         num_seeds, num_nodes = seeds.numel(), nodes.numel()
 
