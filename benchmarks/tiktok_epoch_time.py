@@ -4,7 +4,10 @@ CRANE, FREEDOM and LightGCN (all with their default options) on TikTok.
 The models are timed *side by side and interleaved* in one process (epoch
 ``e`` of every model, then epoch ``e + 1`` of every model, ...), so that a
 shared or noisy machine slows all of them alike; the figure of merit is the
-ratio of medians CRANE / FREEDOM. An epoch is what
+ratio of medians CRANE / FREEDOM. Each ``crane*`` setting's ratio is also
+given per epoch (``..._per_epoch``: epoch ``e`` of the setting over epoch
+``e`` of FREEDOM, measured seconds apart), whose spread shows how much a
+single run's ratio can be trusted on that machine. An epoch is what
 :class:`~crane_pyg.train.Trainer` does: ``on_epoch_start``, then for every
 batch of the :class:`~crane_pyg.data.BPRSampler` (sampling included)
 ``zero_grad``, ``loss``, ``backward`` and an Adam step. The validation pass is
@@ -219,7 +222,11 @@ def main(argv: List[str] | None = None) -> int:
         if name.startswith('crane') and 'freedom' in names:
             key = f"ratio_{name.replace('-', '_')}_over_freedom"
             result[key] = median[name] / median['freedom']
-            print(f"{name} / freedom epoch time: {result[key]:.2f}")
+            result[f'{key}_per_epoch'] = summarize(
+                [a / b for a, b in zip(epochs[name], epochs['freedom'])])
+            spread = result[f'{key}_per_epoch']
+            print(f"{name} / freedom epoch time: {result[key]:.2f} "
+                  f"(per epoch {spread['min']:.2f}-{spread['max']:.2f})")
     if args.breakdown:
         result['step_breakdown_ms'] = step_breakdown(
             data, sampler, args, device, compiled='crane-compiled' in names,

@@ -227,6 +227,12 @@ def test_tiktok_epoch_time_on_synthetic_data(synthetic_root, tmp_path):
         assert 0.0 <= entry['validation']['recall@20'] <= 1.0
     assert saved['ratio_crane_over_freedom'] == pytest.approx(
         models['crane']['epoch_seconds']['median'] / models['freedom']['epoch_seconds']['median'])
+    # the ratio of each interleaved epoch pair: epoch e of CRANE over epoch e of FREEDOM
+    per_epoch = saved['ratio_crane_over_freedom_per_epoch']
+    assert _is_timing(per_epoch) and per_epoch['repeats'] == 3
+    assert per_epoch['samples'] == pytest.approx(
+        [c / f for c, f in zip(models['crane']['epoch_seconds']['samples'],
+                               models['freedom']['epoch_seconds']['samples'])])
     parts = saved['step_breakdown_ms']
     assert set(parts) == {'crane', 'freedom', 'lightgcn'}
     crane = parts['crane']
