@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch_geometric.data import HeteroData
 
 from crane_pyg.data.schema import ITEM, ITEM_ITEM, USER, USER_ITEM
-from crane_pyg.nn import gcn_norm_bipartite
+from crane_pyg.nn import Adjacency, gcn_norm_bipartite
 from crane_pyg.transforms import ItemKNNGraph, knn_adjacency
 from crane_pyg.transforms.item_knn import default_modality_weights
 
@@ -692,7 +692,11 @@ class SparseMatrices:
     builds its CSR form on first use, cached until :meth:`reset_cache`
     (called by :class:`Recommender` after every ``to()`` / state-dict load);
     :meth:`propagate` is :math:`\mathbf{A}\mathbf{X}` with autograd through
-    :math:`\mathbf{X}`."""
+    :math:`\mathbf{X}`, through a cached
+    :class:`~crane_pyg.nn.backend.Adjacency` (``'torch_csr'``) of the same
+    matrix: its backward multiplies by a CSR of :math:`\mathbf{A}^\top`
+    built once, where ``torch.sparse.mm``'s own backward transposes
+    :math:`\mathbf{A}` (a sort of its entries) at every call."""
 
     def register_matrix(self, name: str, index: Tensor, value: Tensor,
                         size: Tuple[int, int]) -> None:
@@ -710,11 +714,28 @@ class SparseMatrices:
                                      self.__dict__['_matrix_sizes'][name])
         return cache[name]
 
+    def adjacency(self, name: str) -> Adjacency:
+        r"""The matrix :obj:`name` as an :class:`~crane_pyg.nn.backend.Adjacency`
+        (``'torch_csr'``, its transpose built with it), cached like
+        :meth:`matrix`."""
+        cache = self.__dict__.setdefault('_adjacency_cache', {})
+        if name not in cache:
+            adj = Adjacency.from_edge_index(getattr(self, f'{name}_index'),
+                                            getattr(self, f'{name}_value'),
+                                            size=self.__dict__['_matrix_sizes'][name],
+                                            backend='torch_csr')
+            adj.t()
+            cache[name] = adj
+        return cache[name]
+
     def propagate(self, name: str, x: Tensor) -> Tensor:
-        return torch.sparse.mm(self.matrix(name), x)
+        r""":math:`\mathbf{A}\mathbf{X}` for the matrix :obj:`name`
+        (:meth:`adjacency`)."""
+        return self.adjacency(name).matmul(x)
 
     def reset_cache(self) -> None:
         self.__dict__['_matrix_cache'] = {}
+        self.__dict__['_adjacency_cache'] = {}
         super().reset_cache()
 
 
