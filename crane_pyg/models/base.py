@@ -716,16 +716,14 @@ class SparseMatrices:
 
     def adjacency(self, name: str) -> Adjacency:
         r"""The matrix :obj:`name` as an :class:`~crane_pyg.nn.backend.Adjacency`
-        (``'torch_csr'``, its transpose built with it), cached like
-        :meth:`matrix`."""
+        (``'torch_csr'``; it builds its transpose on the first product that
+        needs a gradient and keeps it), cached like :meth:`matrix`."""
         cache = self.__dict__.setdefault('_adjacency_cache', {})
         if name not in cache:
-            adj = Adjacency.from_edge_index(getattr(self, f'{name}_index'),
-                                            getattr(self, f'{name}_value'),
-                                            size=self.__dict__['_matrix_sizes'][name],
-                                            backend='torch_csr')
-            adj.t()
-            cache[name] = adj
+            cache[name] = Adjacency.from_edge_index(getattr(self, f'{name}_index'),
+                                                    getattr(self, f'{name}_value'),
+                                                    size=self.__dict__['_matrix_sizes'][name],
+                                                    backend='torch_csr')
         return cache[name]
 
     def propagate(self, name: str, x: Tensor) -> Tensor:

@@ -112,7 +112,7 @@ def test_propagate_equals_torch_sparse_mm_bitwise(synthetic_data, cls):
             grads.append((out.detach(), v.grad))
         assert torch.equal(grads[0][0], grads[1][0]), name
         assert torch.equal(grads[0][1], grads[1][1]), name
-    # the adjacency (and its transpose) is built once, and dropped by reset_cache
+    # the adjacency is built once, and dropped by reset_cache
     adj = model.adjacency('adj')
     assert model.adjacency('adj') is adj
     model.reset_cache()
